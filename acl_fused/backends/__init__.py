@@ -1,0 +1,1 @@
+"""Backends (one module or package each), registered by name in acl_fused/dispatch.py."""

@@ -1,0 +1,79 @@
+"""Backend registry: the one place that lists backends and says why each can or cannot run.
+
+Each backend is a module exposing
+
+    why_not(problem: Problem) -> str | None      # None: can run; otherwise a readable reason
+    synthesize(akp, weight, layout, kernel_size) -> W [C_out, Cg, kH, kW]
+    conv2d(x, akp, weight, layout, bias, conv: ConvArgs, kernel_size) -> y
+
+called with inputs already validated by acl_fused.validation. Modules are imported lazily, so a
+backend whose dependency is missing (triton, the compiled extension) reports that as its reason
+instead of breaking ``import acl_fused``. ``backend="auto"`` takes the first backend of
+:func:`auto_order` that has no reason (xformers-style).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Optional
+
+from .validation import Problem
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    module: str
+    summary: str
+
+
+#: Every backend, by name. Order here is only for listing; auto's order is auto_order().
+BACKENDS: dict[str, BackendInfo] = {
+    b.name: b for b in (
+        BackendInfo("reference", "acl_fused.backends.reference",
+                    "pure PyTorch autograd (SPEC oracle): synthesis + torch conv2d"),
+    )
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A requested backend cannot run these inputs; the message lists every backend's reason."""
+
+
+def _load(name: str) -> tuple[Optional[ModuleType], Optional[str]]:
+    info = BACKENDS[name]
+    try:
+        return importlib.import_module(info.module), None
+    except ImportError as e:  # missing optional dependency or unbuilt extension
+        return None, f"cannot import {info.module}: {e}"
+
+
+def why_not(name: str, problem: Problem) -> Optional[str]:
+    """Why backend ``name`` cannot run ``problem`` (None when it can)."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; known: {', '.join(BACKENDS)}"
+    module, reason = _load(name)
+    return reason if module is None else module.why_not(problem)
+
+
+def report(problem: Problem) -> dict[str, Optional[str]]:
+    """{backend name: reason it cannot run, or None} for every registered backend."""
+    return {name: why_not(name, problem) for name in BACKENDS}
+
+
+def auto_order(problem: Problem) -> list[str]:
+    """Preference order for backend='auto' (fastest first)."""
+    return ["reference"]
+
+
+def select(name: str, problem: Problem) -> ModuleType:
+    """The backend module to run ``problem`` with; BackendUnavailable (with reasons) otherwise."""
+    candidates = auto_order(problem) if name == "auto" else [name]
+    for candidate in candidates:
+        if why_not(candidate, problem) is None:
+            module, _ = _load(candidate)
+            return module
+    reasons = "\n".join(f"  {n}: {r or 'available'}" for n, r in report(problem).items())
+    wanted = "no backend can" if name == "auto" else f"backend {name!r} cannot"
+    raise BackendUnavailable(f"{wanted} run this ACL call on {problem.device} / {problem.dtype}:\n{reasons}")

@@ -1,0 +1,205 @@
+"""AnalyticConv2d: an nn.Conv2d drop-in whose output channels are a mosaic of families."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional
+from .conv_args import ConvArgs, IntOrPair, PaddingArg, pair
+from .families import AKP_COUNT, AKP_NAMES, AKP_SLOTS, Family, pos, pos_inverse
+from .layout import Layout, LayoutSpec, describe_counts, make_layout
+from .reference import synthesize_layout
+
+
+class AnalyticConv2d(nn.Module):
+    """ACL layer (SPEC §5) with nn.Conv2d's constructor and semantics.
+
+    Parameters: ``akp`` [A, C_in/g, 6] raw AKPs of the analytic channels, ``weight``
+    [P, C_in/g, kH, kW] plain kernels (None when P = 0), ``bias`` [C_out] (None when bias=False).
+    Buffer: ``family`` [C_out] int64 codes (saved in the state dict).
+
+    ``layout``: None (half the channels analytic, spread over the six analytic families, blocked
+    in code order, then the plain channels), {family: count}, or a sequence of C_out families.
+    Input [N, C_in, H, W] -> output [N, C_out, H_out, W_out].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: PaddingArg = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
+                 layout: LayoutSpec = None, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self._conv = ConvArgs.make(stride, padding, dilation, groups)
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if in_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if isinstance(out_channels, int) and out_channels % groups:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = pair(kernel_size, "kernel_size", 1)
+        self.stride, self.padding, self.dilation, self.groups = (
+            self._conv.stride, self._conv.padding, self._conv.dilation, self._conv.groups)
+        self.backend = backend
+        self._layout = make_layout(layout, out_channels)
+        factory = {"device": device, "dtype": dtype}
+        cg = in_channels // groups
+        self.akp = nn.Parameter(torch.empty(self._layout.num_analytic, cg, AKP_SLOTS, **factory))
+        self.weight = (nn.Parameter(torch.empty(self._layout.num_plain, cg, *self.kernel_size, **factory))
+                       if self._layout.num_plain else None)
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.register_buffer("family", torch.tensor(self._layout.codes, dtype=torch.int64, device=device))
+        self.reset_parameters()
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    # -- initialisation -------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's default init for plain rows and bias; analytic rows get readable AKPs
+        (orientations spread evenly over [0, pi), scales tied to the kernel size) and amplitudes
+        a = z * std_conv / rms(K with a = 1), z ~ N(0, 1), so every synthesized slice has the
+        second moment E[W^2] = 1 / (3 fan_in) of nn.Conv2d's kaiming_uniform(a=sqrt(5)) init."""
+        fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        if self.weight is not None:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.akp.shape[0]:
+            with torch.no_grad():
+                self.akp.copy_(init_akp(self._layout, self.akp.shape[1], self.kernel_size, fan_in,
+                                        self.akp.dtype, self.akp.device))
+
+    # -- forward ----------------------------------------------------------------------------
+    def synthesize(self) -> torch.Tensor:
+        """The full weight W [C_out, C_in/g, kH, kW] this layer convolves with."""
+        return functional.synthesize(self.akp, self.weight, self._layout, self.kernel_size, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.acl_conv2d(x, self.akp, self.weight, self._layout, self.bias, self.stride,
+                                     self.padding, self.dilation, self.groups, self.kernel_size,
+                                     backend=self.backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._layout = make_layout(self.family.tolist(), self.out_channels)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        s += f", layout=[{describe_counts(self._layout.counts())}]"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    # -- reading the layer ------------------------------------------------------------------
+    def natural_akps(self) -> dict[str, dict[str, torch.Tensor]]:
+        """AKPs in natural units per analytic family present:
+        {family name: {"channels": [n] output channels, "a", "theta" (radians), "sigma", "gamma",
+        "lambda", "rho" (pixels), "psi" (radians): [n, C_in/g]}} (only the family's own AKPs)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        akp = self.akp.detach()
+        for family, rows in self._layout.family_rows.items():
+            p = akp[list(rows)]
+            entry = {"channels": torch.tensor([self._layout.analytic_channels[r] for r in rows])}
+            for i, raw_name in enumerate(AKP_NAMES[family]):
+                value = p[..., i]
+                name = raw_name
+                if raw_name.startswith("s_"):
+                    name, value = raw_name[2:], pos(value)
+                entry[name] = value
+            out[family.name] = entry
+        return out
+
+    def parameter_report(self) -> "ParameterReport":
+        """Per-family parameter counts against an nn.Conv2d of the same shape."""
+        return ParameterReport.of(self._layout, self.in_channels // self.groups, self.kernel_size,
+                                  self.bias is not None)
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Rows: (family name, channels, ACL parameters, nn.Conv2d parameters) per family present."""
+
+    rows: tuple[tuple[str, int, int, int], ...]
+    bias: int
+
+    @staticmethod
+    def of(layout: Layout, cg: int, kernel_size: tuple[int, int], bias: bool) -> "ParameterReport":
+        k = kernel_size[0] * kernel_size[1]
+        rows = []
+        for family, n in layout.counts().items():
+            per_slice = k if family == Family.PLAIN else AKP_COUNT[family]
+            rows.append((family.name, n, n * cg * per_slice, n * cg * k))
+        return ParameterReport(tuple(rows), layout.out_channels if bias else 0)
+
+    @property
+    def acl_total(self) -> int:
+        return sum(r[2] for r in self.rows) + self.bias
+
+    @property
+    def conv_total(self) -> int:
+        return sum(r[3] for r in self.rows) + self.bias
+
+    @property
+    def saving(self) -> float:
+        """Fraction of nn.Conv2d's parameters the ACL layer does not need."""
+        return 1 - self.acl_total / self.conv_total
+
+    def __str__(self) -> str:
+        lines = [f"{'family':<8}{'channels':>9}{'ACL params':>12}{'Conv2d params':>15}"]
+        for name, n, acl, conv in self.rows:
+            lines.append(f"{name:<8}{n:>9}{acl:>12}{conv:>15}")
+        if self.bias:
+            lines.append(f"{'bias':<8}{'':>9}{self.bias:>12}{self.bias:>15}")
+        lines.append(f"{'total':<8}{'':>9}{self.acl_total:>12}{self.conv_total:>15}"
+                     f"   saving {100 * self.saving:.1f}%")
+        return "\n".join(lines)
+
+
+# Natural-unit starting points, in pixels, as fractions of the kernel extent k = max(kH, kW).
+_SIGMA_FRAC = {Family.GABOR: 1 / 4, Family.LOG: 1 / 6, Family.TGD1: 1 / 6, Family.TGD2: 1 / 6}
+_RHO_FRAC = 1 / 3
+_GABOR_GAMMA = 1.0
+
+
+def init_akp(layout: Layout, cg: int, kernel_size: tuple[int, int], fan_in: int,
+             dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
+    """Initial raw AKPs [A, cg, 6] (see AnalyticConv2d.reset_parameters). Uses torch's RNG."""
+    dtype = dtype or torch.get_default_dtype()
+    k = max(kernel_size)
+    akp = torch.zeros(layout.num_analytic, cg, AKP_SLOTS, dtype=torch.float64)
+    for family, rows in layout.family_rows.items():
+        n = len(rows) * cg
+        spread = (torch.arange(n, dtype=torch.float64) + torch.rand(()).double()) / n  # [0, 1) evenly
+        jitter = torch.empty(n, dtype=torch.float64).uniform_(0.8, 1.25)
+        p = torch.zeros(n, AKP_SLOTS, dtype=torch.float64)
+        if family in (Family.GABOR, Family.TGD1, Family.TGD2):
+            p[:, 1] = math.pi * spread[torch.randperm(n)]
+        if family == Family.GABOR:
+            p[:, 2] = pos_inverse(_SIGMA_FRAC[family] * k * jitter)
+            p[:, 3] = pos_inverse(torch.full((n,), _GABOR_GAMMA, dtype=torch.float64))
+            p[:, 4] = pos_inverse(max(2.0, k / 2) * jitter)   # wavelength >= 2 px (Nyquist)
+            p[:, 5] = torch.empty(n, dtype=torch.float64).uniform_(-math.pi, math.pi)
+        elif family in (Family.LOG, Family.TGD1, Family.TGD2):
+            p[:, 1 if family == Family.LOG else 2] = pos_inverse(_SIGMA_FRAC[family] * k * jitter)
+        elif family == Family.LOT:
+            p[:, 1] = pos_inverse(_RHO_FRAC * k * jitter)
+        akp[list(rows)] = p.view(len(rows), cg, AKP_SLOTS)
+    # Amplitudes: match nn.Conv2d's default init variance 1 / (3 fan_in), slice by slice.
+    akp[..., 0] = 1.0
+    unit = synthesize_layout(akp, None, Layout([c for c in layout.codes if c]), kernel_size)
+    rms = unit.pow(2).mean(dim=(2, 3)).sqrt().clamp_min(1e-6)
+    akp[..., 0] = torch.randn(akp.shape[:2], dtype=torch.float64) / math.sqrt(3 * fan_in) / rms
+    return akp.to(dtype=dtype, device=device)

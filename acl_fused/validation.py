@@ -1,0 +1,137 @@
+"""Input checks shared by every entry point, and the :class:`Problem` that dispatch reasons about.
+
+Every check raises a Python exception that names the offending argument, so a bad call never
+reaches a kernel (or a cryptic shape error deep inside ATen).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .conv_args import ConvArgs, pair
+from .families import AKP_SLOTS
+from .layout import Layout
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a backend needs to know to say whether it can run (see dispatch.py).
+
+    ``conv`` and ``input_shape`` are None for synthesis alone. ``autocast_dtype`` is the
+    low-precision dtype the convolution runs in under autocast (synthesis stays in ``dtype``).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    kernel_size: tuple[int, int]
+    layout: Layout
+    conv: Optional[ConvArgs] = None
+    input_shape: Optional[tuple[int, ...]] = None
+    autocast_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+    requires_grad: bool = False
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def check_synthesis_inputs(akp: Optional[torch.Tensor], weight: Optional[torch.Tensor], layout: Layout,
+                           kernel_size=None) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int], int]:
+    """Validate akp [A, Cg, 6], weight [P, Cg, kH, kW] against the layout.
+
+    Returns (akp, weight-or-None, kernel_size, Cg); akp is never None on return (an empty
+    [0, Cg, 6] tensor stands for "no analytic channels"), weight is None when P = 0.
+    """
+    if akp is None and weight is None:
+        raise ValueError("at least one of akp and weight must be given")
+    if akp is not None:
+        _check_float(akp, "akp")
+        if akp.dim() != 3:
+            raise ValueError(f"akp must have shape [A, C_in/groups, {AKP_SLOTS}], got {tuple(akp.shape)}")
+        if akp.shape[2] != AKP_SLOTS:
+            raise ValueError(f"akp's last dimension must be {AKP_SLOTS} (packed AKP slots), got {akp.shape[2]}")
+    if weight is not None:
+        _check_float(weight, "weight")
+        if weight.dim() != 4:
+            raise ValueError(f"weight must have shape [P, C_in/groups, kH, kW], got {tuple(weight.shape)}")
+        if weight.shape[0] == 0 and akp is not None:
+            weight = None
+    a_rows = 0 if akp is None else akp.shape[0]
+    p_rows = 0 if weight is None else weight.shape[0]
+    if a_rows != layout.num_analytic:
+        raise ValueError(f"akp has {a_rows} rows but the layout has {layout.num_analytic} analytic channels")
+    if p_rows != layout.num_plain:
+        raise ValueError(f"weight has {p_rows} rows but the layout has {layout.num_plain} plain channels")
+    if akp is not None and weight is not None:
+        if akp.shape[1] != weight.shape[1]:
+            raise ValueError(f"akp and weight disagree on C_in/groups: {akp.shape[1]} vs {weight.shape[1]}")
+        if akp.dtype != weight.dtype:
+            raise TypeError(f"akp and weight must have the same dtype, got {akp.dtype} and {weight.dtype}")
+        if akp.device != weight.device:
+            raise ValueError(f"akp and weight must be on the same device, got {akp.device} and {weight.device}")
+    if weight is not None:
+        ks = (weight.shape[2], weight.shape[3])
+        if kernel_size is not None and pair(kernel_size, "kernel_size", 1) != ks:
+            raise ValueError(f"kernel_size {kernel_size!r} disagrees with weight's kernel {ks}")
+    else:
+        if kernel_size is None:
+            raise ValueError("kernel_size is required when there are no plain channels (weight is None)")
+        ks = pair(kernel_size, "kernel_size", 1)
+    cg = weight.shape[1] if weight is not None else akp.shape[1]
+    if akp is None:
+        akp = weight.new_zeros((0, cg, AKP_SLOTS))
+    return akp, weight, ks, cg
+
+
+def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
+                      bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size, cg: int) -> torch.dtype | None:
+    """Validate the convolution's input and bias. Returns the autocast dtype in force, if any."""
+    _check_float(x, "input")
+    if x.dim() != 4:
+        raise ValueError(f"input must have shape [N, C_in, H, W], got {tuple(x.shape)}")
+    c_out = layout.out_channels
+    if c_out % conv.groups != 0:
+        raise ValueError(f"out_channels ({c_out}) must be divisible by groups ({conv.groups})")
+    if x.shape[1] != cg * conv.groups:
+        raise ValueError(f"input has {x.shape[1]} channels but the layer expects C_in = C_in/groups * groups "
+                         f"= {cg} * {conv.groups} = {cg * conv.groups}")
+    if x.device != akp.device:
+        raise ValueError(f"input and parameters must be on the same device, got {x.device} and {akp.device}")
+    if bias is not None:
+        _check_float(bias, "bias")
+        if bias.shape != (c_out,):
+            raise ValueError(f"bias must have shape [{c_out}], got {tuple(bias.shape)}")
+        if bias.device != akp.device:
+            raise ValueError(f"bias must be on the parameters' device {akp.device}, got {bias.device}")
+        if bias.dtype != akp.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from the parameters' dtype {akp.dtype}")
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not autocast and x.dtype != akp.dtype:
+        raise TypeError(f"input dtype {x.dtype} differs from the parameters' dtype {akp.dtype} "
+                        "(use the same dtype, or autocast)")
+    top, bottom, left, right = conv.explicit_padding(kernel_size)
+    for n, p, k, d, axis in ((x.shape[2], top + bottom, kernel_size[0], conv.dilation[0], "height"),
+                             (x.shape[3], left + right, kernel_size[1], conv.dilation[1], "width")):
+        if n + p < d * (k - 1) + 1:
+            raise ValueError(f"input {axis} {n} (+{p} padding) is smaller than the dilated kernel "
+                             f"({d * (k - 1) + 1})")
+    return torch.get_autocast_dtype(x.device.type) if autocast else None
+
+
+def make_problem(akp: torch.Tensor, layout: Layout, kernel_size: tuple[int, int], x: Optional[torch.Tensor] = None,
+                 conv: Optional[ConvArgs] = None, autocast_dtype: Optional[torch.dtype] = None,
+                 requires_grad: bool = False) -> Problem:
+    return Problem(
+        device=akp.device, dtype=akp.dtype, kernel_size=kernel_size, layout=layout, conv=conv,
+        input_shape=None if x is None else tuple(x.shape), autocast_dtype=autocast_dtype,
+        channels_last=x is not None and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous(),
+        requires_grad=requires_grad)
