@@ -31,6 +31,13 @@ class BackendInfo:
 #: Every backend, by name. Order here is only for listing; auto's order is auto_order().
 BACKENDS: dict[str, BackendInfo] = {
     b.name: b for b in (
+        BackendInfo("native", "acl_fused.backends.native",
+                    "C++/CUDA torch.library ops: one-launch synthesis and AKP-gradient kernels "
+                    "around ATen's convolution (oneDNN / cuDNN)"),
+        BackendInfo("triton", "acl_fused.backends.triton_synthesis",
+                    "Triton one-launch synthesis and AKP-gradient kernels around torch's convolution"),
+        BackendInfo("triton_fused", "acl_fused.backends.triton_conv",
+                    "Triton implicit-GEMM convolution that synthesizes its weight tiles in registers"),
         BackendInfo("reference", "acl_fused.backends.reference",
                     "pure PyTorch autograd (SPEC oracle): synthesis + torch conv2d"),
     )
@@ -63,8 +70,11 @@ def report(problem: Problem) -> dict[str, Optional[str]]:
 
 
 def auto_order(problem: Problem) -> list[str]:
-    """Preference order for backend='auto' (fastest first)."""
-    return ["reference"]
+    """Preference order for backend='auto' (fastest first). The Triton interpreter on CPU is a
+    correctness tool, never a fast path, so auto only uses Triton on CUDA devices."""
+    if problem.device.type == "cuda":
+        return ["triton", "native", "reference"]
+    return ["native", "reference"]
 
 
 def select(name: str, problem: Problem) -> ModuleType:
