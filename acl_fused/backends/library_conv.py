@@ -1,0 +1,50 @@
+"""The library convolution (cuDNN / oneDNN through ATen) that the synthesis backends wrap.
+
+Backends that synthesize W with their own kernels and leave the GEMM to torch share these three
+helpers, so padding='same' with even kernels, autocast and channels_last behave exactly as in
+``torch.nn.functional.conv2d`` everywhere.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..conv_args import ConvArgs
+
+
+def autocast_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Cast x and bias to the autocast dtype when autocast is on for x's device (nn.Conv2d casts
+    both); the backend then runs with autocast off and casts W to ``x.dtype`` after synthesis."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], conv: ConvArgs) -> torch.Tensor:
+    """y [N, C_out, H_out, W_out] = F.conv2d(x, w, bias, ...) in ``x.dtype``."""
+    return F.conv2d(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                    conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: ConvArgs,
+                  kernel_size: tuple[int, int], output_mask: tuple[bool, bool, bool]
+                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_x, grad_w, grad_bias) of :func:`conv_forward`; entries not asked for in
+    ``output_mask`` (x, w, bias) are None. grad_w is in ``x.dtype``.
+
+    Asymmetric padding (padding='same' with an even dilated kernel) is done the way F.conv2d does
+    it: pad the input's bottom/right by the odd pixel, then convolve with symmetric padding.
+    """
+    top, bottom, left, right = conv.explicit_padding(kernel_size)
+    h, w_in = x.shape[-2:]
+    x_p = x if (top, left) == (bottom, right) else F.pad(x, (0, right - left, 0, bottom - top))
+    grad_y = grad_y.to(x.dtype)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad_y, x_p, w.to(x.dtype), [grad_y.shape[1]] if output_mask[2] else None,
+        list(conv.stride), [top, left], list(conv.dilation), False, [0, 0], conv.groups, list(output_mask))
+    if gx is not None and x_p is not x:
+        gx = gx[..., :h, :w_in]
+    return gx, gw, gb
