@@ -68,14 +68,17 @@ def family_kernel(family: Family, p: torch.Tensor, x: torch.Tensor, y: torch.Ten
 
 def synthesize_layout(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
                       kernel_size: tuple[int, int]) -> torch.Tensor:
-    """W [C_out, Cg, kH, kW] from validated inputs (see :func:`synthesize`)."""
+    """W [C_out, Cg, kH, kW] from validated inputs (see :func:`synthesize`).
+
+    float16/bfloat16 AKPs are synthesized in float32 and W is rounded once to their dtype."""
     idx = layout.tensors(akp.device)
-    x, y = grid(kernel_size, akp.dtype, akp.device)
-    pieces = [] if weight is None else [weight]
+    compute = torch.float32 if akp.dtype in (torch.float16, torch.bfloat16) else akp.dtype
+    x, y = grid(kernel_size, compute, akp.device)
+    pieces = [] if weight is None else [weight.to(compute)]
     for family in layout.family_rows:
-        pieces.append(family_kernel(family, akp.index_select(0, idx[f"rows_{int(family)}"]), x, y))
+        pieces.append(family_kernel(family, akp.index_select(0, idx[f"rows_{int(family)}"]).to(compute), x, y))
     stacked = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-    return stacked.index_select(0, idx["gather_order"])
+    return stacked.index_select(0, idx["gather_order"]).to(akp.dtype)
 
 
 def synthesize(akp: Optional[torch.Tensor], weight: Optional[torch.Tensor],

@@ -1,8 +1,22 @@
 """Test-wide setup. Without a CUDA device, Triton kernels run on the CPU through Triton's
-interpreter; it must be switched on before any module defining @triton.jit kernels is imported."""
+interpreter; it must be switched on before any module defining @triton.jit kernels is imported.
+
+``ACL_FUSED_REQUIRE_BACKENDS`` (comma-separated names; `make test` sets it) turns "backend cannot
+run here" from a skip into a failure, so CI cannot go green by silently skipping a backend.
+"""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REQUIRED_BACKENDS = {b for b in os.environ.get("ACL_FUSED_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+def skip_or_fail_unavailable(backend: str, reason: str) -> None:
+    """Skip a test whose backend cannot run here, or fail it when CI requires that backend."""
+    if backend in REQUIRED_BACKENDS:
+        pytest.fail(f"backend {backend!r} is required (ACL_FUSED_REQUIRE_BACKENDS) but cannot run: {reason}")
+    pytest.skip(f"backend {backend!r} cannot run here: {reason}")

@@ -1,0 +1,322 @@
+"""Conformance suite: every registered backend, through the public API, against the reference.
+
+Each case runs the backend and the pure-PyTorch oracle (acl_fused.reference, in float64) on the
+same data and compares outputs and every gradient with the tolerances of SPEC §6:
+float64 to round-off (and torch.autograd.gradcheck), float32 within 1e-5 relative norm error,
+low precision / autocast within 1e-2. Shapes are small (Triton runs interpreted on CPU) but cross
+tile boundaries: C_out 20 > 16, K = Cg*kH*kW up to 72, M = N*H_out*W_out up to 330.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from acl_fused import AnalyticConv2d, BackendUnavailable, Family, acl_conv2d, dispatch, reference, synthesize
+from acl_fused.conv_args import ConvArgs
+from acl_fused.layout import Layout, make_layout
+from acl_fused.validation import make_problem
+from conftest import skip_or_fail_unavailable
+
+#: The reference runs the suite too: its float32, low-precision and empty-batch behaviour is a
+#: contract of its own, and it checks that the harness itself agrees with the oracle.
+BACKENDS = list(dispatch.BACKENDS)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+F_ = Family
+#: Every family, in no particular order, two of some (rows of one family are not contiguous).
+MOSAIC = [F_.TGD2, F_.PLAIN, F_.GABOR, F_.MEAN, F_.LOG, F_.PLAIN, F_.LOT, F_.TGD1, F_.GABOR]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (SPEC §6); 0 for two empty tensors."""
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def require(name: str, problem) -> None:
+    reason = dispatch.why_not(name, problem)
+    if reason is not None:
+        skip_or_fail_unavailable(name, reason)
+
+
+@dataclass
+class Case:
+    """One acl_conv2d call: layout, C_in, kernel, input size and nn.Conv2d arguments."""
+
+    id: str
+    layout: list
+    c_in: int
+    kernel_size: tuple[int, int]
+    hw: tuple[int, int] = (9, 8)
+    batch: int = 2
+    conv: dict = field(default_factory=dict)
+    bias: bool = True
+
+    def params(self, dtype: torch.dtype, seed: int = 0):
+        """(x, akp, weight, bias) in ``dtype`` on DEVICE: initialised as the module does, then
+        perturbed so that AKPs are generic (no family sits at its initial symmetric point)."""
+        torch.manual_seed(seed)
+        groups = self.conv.get("groups", 1)
+        m = AnalyticConv2d(self.c_in, len(self.layout), self.kernel_size, bias=self.bias, layout=self.layout,
+                           dtype=torch.float64, **self.conv)
+        akp = m.akp.detach() + 0.2 * torch.randn_like(m.akp)
+        weight = None if m.weight is None else m.weight.detach()
+        bias = None if m.bias is None else m.bias.detach()
+        x = torch.randn(self.batch, self.c_in, *self.hw, dtype=torch.float64)
+        assert self.c_in % groups == 0
+        return tuple(None if t is None else t.to(device=DEVICE, dtype=dtype) for t in (x, akp, weight, bias)), m.layout
+
+
+CASES = [
+    Case("mosaic3x3-pad1", MOSAIC, 3, (3, 3), conv=dict(padding=1)),
+    Case("even2x3-same-dil", MOSAIC, 3, (2, 3), conv=dict(padding="same", dilation=(2, 1))),
+    Case("even4x4-same-groups3", MOSAIC, 6, (4, 4), conv=dict(padding="same", groups=3)),
+    Case("stride2-padpair", MOSAIC, 3, (3, 3), conv=dict(stride=2, padding=(1, 2)), bias=False),
+    Case("valid5x3-stride21", MOSAIC, 2, (5, 3), conv=dict(stride=(2, 1), padding="valid")),
+    Case("1x1", MOSAIC, 4, (1, 1)),
+    Case("tiles-default20", list(make_layout(None, 20).codes), 8, (3, 3), hw=(10, 11), batch=3,
+         conv=dict(padding=1)),
+    Case("all-analytic-groups2", [F_.GABOR, F_.LOT, F_.TGD1, F_.LOG], 4, (3, 3), conv=dict(groups=2, dilation=2)),
+    Case("all-plain", [F_.PLAIN] * 4, 3, (3, 2), conv=dict(padding=(0, 1))),
+]
+
+
+def run_backend(name: str, case: Case, dtype: torch.dtype, x, akp, weight, bias, layout: Layout):
+    """Forward with backend ``name``; returns (y, grads of x/akp/weight/bias for a fixed random
+    output gradient, None where the input is absent)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, akp, weight, bias)]
+    y = acl_conv2d(leaves[0], leaves[1], leaves[2], layout, leaves[3], kernel_size=case.kernel_size,
+                   backend=name, **case.conv)
+    torch.manual_seed(1)
+    g = torch.randn(y.shape, dtype=torch.float64, device=y.device).to(y.dtype)
+    present = [t for t in leaves if t is not None]
+    # An all-plain layout's empty akp takes no part in the graph: its gradient is an empty zero.
+    grads = iter(torch.autograd.grad(y, present, g, allow_unused=True, materialize_grads=True))
+    return y, [None if t is None else next(grads) for t in leaves]
+
+
+def reference_result(case: Case, x, akp, weight, bias, layout: Layout):
+    """The oracle in float64 on the same values."""
+    as64 = [None if t is None else t.double() for t in (x, akp, weight, bias)]
+    return run_backend("reference", case, torch.float64, *as64, layout)
+
+
+def conv_problem(layout, case, x, akp):
+    return make_problem(akp, layout, case.kernel_size, x, ConvArgs.make(**case.conv))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_conv_forward_and_grads_match_reference(name, case, dtype):
+    (x, akp, weight, bias), layout = case.params(dtype)
+    require(name, conv_problem(layout, case, x, akp))
+    y, grads = run_backend(name, case, dtype, x, akp, weight, bias, layout)
+    y_ref, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) <= TOL[dtype], "output"
+    for what, g, g_ref in zip(("x", "akp", "weight", "bias"), grads, grads_ref):
+        if g_ref is None:
+            continue
+        assert g.dtype == dtype and g.shape == g_ref.shape, what
+        assert rel_err(g, g_ref) <= TOL[dtype], f"grad {what}: {rel_err(g, g_ref):.3g}"
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (2, 3), (5, 4), (1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_synthesize_matches_reference(name, dtype, kernel_size):
+    case = Case("synth", MOSAIC * 2, 5, kernel_size)
+    (_, akp, weight, _), layout = case.params(dtype)
+    require(name, make_problem(akp, layout, kernel_size))
+    leaves = [akp.clone().requires_grad_(), weight.clone().requires_grad_()]
+    w = synthesize(*leaves, layout, kernel_size, backend=name)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    w_ref = reference.synthesize(*ref_leaves, layout, kernel_size)
+    assert w.dtype == dtype and w.shape == w_ref.shape
+    assert rel_err(w, w_ref) <= TOL[dtype]
+    g = torch.randn(w.shape, dtype=torch.float64, device=w.device)
+    grads = torch.autograd.grad(w, leaves, g.to(dtype))
+    grads_ref = torch.autograd.grad(w_ref, ref_leaves, g)
+    for what, gr, gr_ref in zip(("akp", "weight"), grads, grads_ref):
+        assert gr.dtype == dtype
+        assert rel_err(gr, gr_ref) <= TOL[dtype], what
+    # SPEC §5: slots beyond a family's count get exactly zero gradient.
+    used = torch.zeros(6, len(layout.analytic_channels), dtype=torch.bool)
+    for r, o in enumerate(layout.analytic_channels):
+        used[: {1: 6, 2: 2, 3: 2, 4: 3, 5: 3, 6: 1}[layout.codes[o]], r] = True
+    assert torch.all(grads[0].permute(2, 0, 1)[~used.to(grads[0].device)] == 0)
+
+
+GRADCHECK_CASES = [
+    # Every family in one mosaic (full gradcheck), even non-square kernel, 'same' padding.
+    Case("mosaic", MOSAIC[:8], 2, (3, 2), hw=(4, 3), batch=1, conv=dict(padding="same")),
+    Case("strided-dilated-groups", [F_.LOT, F_.GABOR, F_.PLAIN, F_.TGD2], 2, (3, 3), hw=(6, 5), batch=1,
+         conv=dict(stride=2, padding=2, dilation=2, groups=2)),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradcheck_conv_float64(name, case):
+    (x, akp, weight, bias), layout = case.params(torch.float64)
+    require(name, conv_problem(layout, case, x, akp))
+    leaves = [t.clone().requires_grad_() for t in (x, akp, weight, bias)]
+
+    def fn(x, akp, weight, bias):
+        return acl_conv2d(x, akp, weight, layout, bias, kernel_size=case.kernel_size, backend=name, **case.conv)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", [f for f in Family if f != F_.PLAIN], ids=lambda f: f.name)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradcheck_synthesize_each_family_float64(name, family):
+    case = Case("family", [family, F_.PLAIN, family], 2, (4, 3))
+    (_, akp, weight, _), layout = case.params(torch.float64, seed=int(family))
+    require(name, make_problem(akp, layout, case.kernel_size))
+    leaves = [akp.clone().requires_grad_(), weight.clone().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda a, w: synthesize(a, w, layout, case.kernel_size, backend=name),
+                                     leaves, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_batch_zero(name):
+    case = Case("empty", MOSAIC, 3, (3, 3), batch=0, conv=dict(padding=1))
+    (x, akp, weight, bias), layout = case.params(torch.float64)
+    require(name, conv_problem(layout, case, x, akp))
+    y, grads = run_backend(name, case, torch.float64, x, akp, weight, bias, layout)
+    assert y.shape == (0, len(MOSAIC), 9, 8)
+    leaves = [t.clone().requires_grad_() for t in (x, akp, weight, bias)]
+    acl_conv2d(leaves[0], leaves[1], leaves[2], layout, leaves[3], padding=1, backend=name).sum().backward()
+    assert all(t.grad is not None and torch.all(t.grad == 0) for t in leaves[1:3])
+    assert torch.all(leaves[3].grad == 0)
+
+
+@pytest.mark.parametrize("layout_of_input", ["channels_last", "non_contiguous"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_input_memory_layouts(name, layout_of_input):
+    case = Case("mem", MOSAIC, 4, (3, 3), hw=(7, 10), conv=dict(padding=1, stride=(1, 2)))
+    (x, akp, weight, bias), layout = case.params(torch.float64)
+    require(name, conv_problem(layout, case, x, akp))
+    if layout_of_input == "channels_last":
+        x_in = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x_in = torch.stack([x, -x], dim=-1)[..., 0]  # same values, a strided view
+        assert not x_in.is_contiguous()
+    y, grads = run_backend(name, case, torch.float64, x_in, akp, weight, bias, layout)
+    y_ref, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    assert rel_err(y, y_ref) <= TOL[torch.float64]
+    assert all(rel_err(g, r) <= TOL[torch.float64] for g, r in zip(grads, grads_ref))
+    if layout_of_input == "channels_last":  # as F.conv2d: the output follows the input's format
+        expected = F.conv2d(x_in, torch.zeros(len(MOSAIC), 4, 3, 3, dtype=x.dtype, device=x.device), padding=1,
+                            stride=(1, 2))
+        assert y.is_contiguous(memory_format=torch.channels_last) == \
+            expected.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("wanted", ["x", "akp", "weight", "bias"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_needs_input_grad_subsets(name, wanted):
+    """Only one input requires grad: the backend computes exactly that gradient."""
+    case = Case("subset", MOSAIC, 3, (3, 3), conv=dict(padding=1))
+    (x, akp, weight, bias), layout = case.params(torch.float64)
+    require(name, conv_problem(layout, case, x, akp))
+    inputs = dict(x=x, akp=akp, weight=weight, bias=bias)
+    inputs[wanted] = inputs[wanted].clone().requires_grad_()
+    y = acl_conv2d(inputs["x"], inputs["akp"], inputs["weight"], layout, inputs["bias"], padding=1, backend=name)
+    (g,) = torch.autograd.grad(y.sum(), inputs[wanted])
+    _, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    ref_inputs = [t.double().requires_grad_() for t in (x, akp, weight, bias)]
+    y_ref = acl_conv2d(*ref_inputs[:3], layout, ref_inputs[3], padding=1, backend="reference")
+    g_ref = torch.autograd.grad(y_ref.sum(), ref_inputs[["x", "akp", "weight", "bias"].index(wanted)])[0]
+    assert rel_err(g, g_ref) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_autocast(name, low):
+    """SPEC §6: under autocast W is synthesized in float32 and the convolution runs in the low
+    precision, like nn.Conv2d; params' grads stay float32; within 1e-2 of the float64 oracle."""
+    case = Case("autocast", MOSAIC, 8, (3, 3), conv=dict(padding=1))
+    (x, akp, weight, bias), layout = case.params(torch.float32)
+    with torch.autocast(DEVICE.type, dtype=low):
+        problem = make_problem(akp, layout, case.kernel_size, x, ConvArgs.make(padding=1), autocast_dtype=low)
+        require(name, problem)
+        y, grads = run_backend(name, case, torch.float32, x, akp, weight, bias, layout)
+    assert y.dtype == low
+    y_ref, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    assert rel_err(y, y_ref) <= TOL[low]
+    for what, g, g_ref in zip(("x", "akp", "weight", "bias"), grads, grads_ref):
+        assert g.dtype == torch.float32, what
+        assert rel_err(g, g_ref) <= TOL[low], f"grad {what}"
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_low_precision_parameters_synthesized_in_float32(name, low):
+    """float16/bfloat16 parameters: W is synthesized in float32 and rounded once."""
+    case = Case("lowp", MOSAIC, 3, (5, 5))
+    (_, akp, weight, _), layout = case.params(low)
+    require(name, make_problem(akp, layout, case.kernel_size))
+    w = synthesize(akp, weight, layout, case.kernel_size, backend=name)
+    assert w.dtype == low
+    once = reference.synthesize(akp.double(), weight.double(), layout, case.kernel_size).to(low)
+    # Rounded once from an exact value: at most one unit in the last place away from the
+    # correctly rounded float64 result (float32 synthesis differs from float64 far below that).
+    ulp = torch.finfo(low).eps * once.double().abs().clamp_min(torch.finfo(low).tiny)
+    assert torch.all((w.double() - once.double()).abs() <= ulp)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_module_with_backend_matches_reference_module(name):
+    torch.manual_seed(0)
+    ref = AnalyticConv2d(4, 9, 3, stride=2, padding=1, layout=MOSAIC, dtype=torch.float64, device=DEVICE)
+    fast = AnalyticConv2d(4, 9, 3, stride=2, padding=1, layout=MOSAIC, backend=name, dtype=torch.float64,
+                          device=DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, device=DEVICE)
+    require(name, make_problem(fast.akp, fast.layout, fast.kernel_size, x, ConvArgs.make(2, 1)))
+    ref(x).square().sum().backward()
+    fast(x).square().sum().backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), fast.named_parameters()):
+        assert rel_err(q.grad, p.grad) <= TOL[torch.float64], n
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_double_backward_exact_or_refused(name):
+    """The reference (plain autograd) passes gradgradcheck; fast backends do not claim double
+    backward, so asking for it raises instead of returning a silently wrong second derivative."""
+    case = Case("dbl", MOSAIC, 2, (3, 3), hw=(5, 5), batch=1)
+    (x, akp, weight, bias), layout = case.params(torch.float64)
+    require(name, conv_problem(layout, case, x, akp))
+    if name == "reference":
+        leaves = [t.clone().requires_grad_() for t in (x, akp, weight)]
+        assert torch.autograd.gradgradcheck(
+            lambda x, a, w: acl_conv2d(x, a, w, layout, bias, backend=name), leaves, eps=1e-6, atol=1e-7)
+        return
+    akp = akp.clone().requires_grad_()
+    y = acl_conv2d(x, akp, weight, layout, bias, backend=name)
+    (g,) = torch.autograd.grad(y.square().sum(), akp, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), akp)
+
+
+def test_auto_runs_and_unknown_backend_lists_every_reason():
+    case = Case("auto", MOSAIC, 3, (3, 3), conv=dict(padding=1))
+    (x, akp, weight, bias), layout = case.params(torch.float32)
+    y = acl_conv2d(x, akp, weight, layout, bias, padding=1)
+    y_ref = acl_conv2d(x, akp, weight, layout, bias, padding=1, backend="reference")
+    assert rel_err(y, y_ref.double()) <= TOL[torch.float32]
+    with pytest.raises(BackendUnavailable, match="unknown backend 'nope'") as info:
+        acl_conv2d(x, akp, weight, layout, bias, backend="nope")
+    assert all(name in str(info.value) for name in dispatch.BACKENDS)
