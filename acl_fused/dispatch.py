@@ -6,10 +6,11 @@ Each backend is a module exposing
     synthesize(akp, weight, layout, kernel_size) -> W [C_out, Cg, kH, kW]
     conv2d(x, akp, weight, layout, bias, conv: ConvArgs, kernel_size) -> y
 
-called with inputs already validated by acl_fused.validation. Modules are imported lazily, so a
-backend whose dependency is missing (triton, the compiled extension) reports that as its reason
-instead of breaking ``import acl_fused``. ``backend="auto"`` takes the first backend of
-:func:`auto_order` that has no reason (xformers-style).
+called with inputs already validated by acl_fused.validation. Every backend module is imported
+once, with acl_fused (so torch.compile traces dictionary lookups here, never an import); a backend
+whose dependency is missing (triton, the compiled extension) reports that as its reason instead of
+breaking ``import acl_fused``. ``backend="auto"`` takes the first backend of :func:`auto_order`
+that has no reason (xformers-style).
 """
 from __future__ import annotations
 
@@ -48,19 +49,22 @@ class BackendUnavailable(RuntimeError):
     """A requested backend cannot run these inputs; the message lists every backend's reason."""
 
 
-def _load(name: str) -> tuple[Optional[ModuleType], Optional[str]]:
-    info = BACKENDS[name]
+def _import(info: BackendInfo) -> tuple[Optional[ModuleType], Optional[str]]:
     try:
         return importlib.import_module(info.module), None
-    except ImportError as e:  # missing optional dependency or unbuilt extension
-        return None, f"cannot import {info.module}: {e}"
+    except Exception as e:  # missing optional dependency, unbuilt extension, incompatible version
+        return None, f"cannot import {info.module}: {type(e).__name__}: {e}"
+
+
+#: name -> (module, None) or (None, why it cannot be imported).
+_LOADED = {name: _import(info) for name, info in BACKENDS.items()}
 
 
 def why_not(name: str, problem: Problem) -> Optional[str]:
     """Why backend ``name`` cannot run ``problem`` (None when it can)."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; known: {', '.join(BACKENDS)}"
-    module, reason = _load(name)
+    module, reason = _LOADED[name]
     return reason if module is None else module.why_not(problem)
 
 
@@ -79,11 +83,14 @@ def auto_order(problem: Problem) -> list[str]:
 
 def select(name: str, problem: Problem) -> ModuleType:
     """The backend module to run ``problem`` with; BackendUnavailable (with reasons) otherwise."""
+    return _LOADED[_first_runnable(name, problem)][0]
+
+
+def _first_runnable(name: str, problem: Problem) -> str:
     candidates = auto_order(problem) if name == "auto" else [name]
     for candidate in candidates:
         if why_not(candidate, problem) is None:
-            module, _ = _load(candidate)
-            return module
+            return candidate
     reasons = "\n".join(f"  {n}: {r or 'available'}" for n, r in report(problem).items())
     wanted = "no backend can" if name == "auto" else f"backend {name!r} cannot"
     raise BackendUnavailable(f"{wanted} run this ACL call on {problem.device} / {problem.dtype}:\n{reasons}")
