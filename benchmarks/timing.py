@@ -1,0 +1,169 @@
+"""Timing and memory measurement shared by the throughput script and the pytest suites.
+
+* CUDA: CUDA events around every call after a warm-up, the L2 cache flushed (a 256 MiB memset,
+  outside the timed region) before every call, as ``triton.testing.do_bench`` does; median and
+  20/80 % quantiles. Implemented here rather than calling do_bench so the method does not change
+  with the Triton version (or its absence).
+* CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with every intra-op thread (the Timer's
+  default is ONE thread) after a warm-up; median and interquartile range over the blocks.
+* Peak memory (CUDA only): ``torch.cuda.max_memory_allocated`` during one call minus what was
+  allocated before it (outputs, saved tensors, gradients, workspaces). The CPU allocator keeps no
+  such statistics, so on CPU it is None ("n/a").
+* Saved-for-backward bytes (any device): the distinct storages autograd saves during a call, seen
+  through ``torch.autograd.graph.saved_tensors_hooks`` (input and parameters included). Tensors a
+  backend stashes on ``ctx`` as attributes bypass the hooks; CUDA peak memory still sees them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, TypeVar
+
+import torch
+from torch.utils import benchmark
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and the ``spread`` quantiles (low, high) around it."""
+
+    median: float
+    low: float
+    high: float
+    spread: str          # "q20-q80" (CUDA events) or "q25-q75" (CPU blocks)
+    runs: int
+
+
+@dataclass(frozen=True)
+class TimerSettings:
+    cpu_min_run_time: float = 0.3    # seconds of timed blocks per measurement
+    cpu_warmup: int = 2              # untimed calls first (first-call caches, oneDNN primitives)
+    cuda_warmup_ms: float = 10.0
+    cuda_rep_ms: float = 50.0
+    flush_l2: bool = True
+    rounds: int = 3                  # interleaved rounds (time_side_by_side)
+
+
+K = TypeVar("K")
+_L2_FLUSH_BYTES = 256 * 1024 * 1024   # larger than the L2 of any current GPU (H100: 50 MiB)
+_flush_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
+    """``fn`` followed by a device synchronisation, for wall-clock timers (pytest-benchmark)."""
+    def run() -> None:
+        fn()
+        synchronize(device)
+    return run
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, settings: TimerSettings = TimerSettings()) -> Timing:
+    """Time ``fn()`` (its result is discarded) on ``device``."""
+    return time_side_by_side({0: fn}, device, settings)[0]
+
+
+def time_side_by_side(fns: dict[K, Callable[[], Any]], device: torch.device,
+                      settings: TimerSettings = TimerSettings()) -> dict[K, Timing]:
+    """Time every callable of ``fns`` on ``device``: all are warmed up, then timed in
+    ``settings.rounds`` interleaved rounds (each a share of the time budget), so a load change on a
+    shared machine hits every implementation alike; quantiles are over the samples of all rounds."""
+    runners = {k: (_CudaRunner(fn, device, settings) if device.type == "cuda" else _CpuRunner(fn, settings))
+               for k, fn in fns.items()}
+    samples: dict[K, list[float]] = {k: [] for k in fns}
+    for _ in range(settings.rounds):
+        for k, runner in runners.items():
+            samples[k] += runner.samples(1 / settings.rounds)
+    return {k: _quantiles(s, *runners[k].spread) for k, s in samples.items()}
+
+
+def _quantiles(seconds: list[float], low: float, high: float, spread: str) -> Timing:
+    t = torch.tensor(seconds, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, low, high], dtype=torch.float64)).tolist()
+    return Timing(q[0], q[1], q[2], spread, len(seconds))
+
+
+class _CpuRunner:
+    spread = (0.25, 0.75, "q25-q75")
+
+    def __init__(self, fn: Callable[[], Any], settings: TimerSettings):
+        for _ in range(settings.cpu_warmup):
+            fn()
+        self.timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        self.min_run_time = settings.cpu_min_run_time
+
+    def samples(self, share: float) -> list[float]:
+        """Per-call means of the timed blocks."""
+        return list(self.timer.blocked_autorange(min_run_time=self.min_run_time * share).times)
+
+
+class _CudaRunner:
+    spread = (0.2, 0.8, "q20-q80")
+
+    def __init__(self, fn: Callable[[], Any], device: torch.device, settings: TimerSettings):
+        self.fn, self.device, self.rep_ms = fn, device, settings.cuda_rep_ms
+        self.flush = None
+        if settings.flush_l2:
+            self.flush = _flush_buffers.get(device)
+            if self.flush is None:
+                self.flush = _flush_buffers[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+        self._one_call()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            self._one_call()
+        end.record()
+        torch.cuda.synchronize(device)
+        self.estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+        for _ in range(max(1, int(settings.cuda_warmup_ms / self.estimate_ms))):
+            self._one_call()
+
+    def _one_call(self) -> None:
+        if self.flush is not None:
+            self.flush.zero_()
+        self.fn()
+
+    def samples(self, share: float) -> list[float]:
+        """Seconds of single calls between CUDA events (the flush stays outside the events)."""
+        n = min(max(3, int(self.rep_ms * share / self.estimate_ms)), 1000)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends):
+            if self.flush is not None:
+                self.flush.zero_()
+            s.record()
+            self.fn()
+            e.record()
+        torch.cuda.synchronize(self.device)
+        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
+    """Bytes allocated at the peak of one ``fn()`` call beyond what was allocated before it
+    (CUDA); None on other devices."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
