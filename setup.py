@@ -1,5 +1,64 @@
-"""acl_fused build. Pure-Python package; the native C++/CUDA extension is added by csrc/ (see README)."""
+"""acl_fused build: the Python package plus the native extension ``acl_fused._C`` (csrc/).
+
+The C++ CPU kernels are always built; the CUDA kernels too when a CUDA toolkit and a CUDA build
+of torch are present. Environment switches:
+
+    ACL_FUSED_NO_EXT=1      pure-Python install (the ``native`` backend reports itself unavailable)
+    ACL_FUSED_CUDA=0 / 1    force the CUDA sources off / on (1 fails if CUDA cannot be built)
+    TORCH_CUDA_ARCH_LIST    CUDA architectures (default "9.0": H100)
+    MAX_JOBS                parallel compile jobs (ninja)
+
+Build without network against the installed torch: ``pip install --no-build-isolation -e .``
+"""
+import os
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob(pattern))
+
+
+def _want_cuda(cpp_extension) -> bool:
+    import torch
+
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    forced = os.environ.get("ACL_FUSED_CUDA")
+    if forced is None:
+        return available
+    if forced not in ("0", "1"):
+        raise RuntimeError(f"ACL_FUSED_CUDA must be 0 or 1, got {forced!r}")
+    if forced == "1" and not available:
+        raise RuntimeError(
+            "ACL_FUSED_CUDA=1 but CUDA cannot be built here: needs a CUDA build of torch "
+            f"(torch.version.cuda = {torch.version.cuda}) and a CUDA toolkit (CUDA_HOME = {cpp_extension.CUDA_HOME})")
+    return forced == "1"
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for acl_fused._C, or nothing when ACL_FUSED_NO_EXT=1."""
+    if os.environ.get("ACL_FUSED_NO_EXT") == "1":
+        return [], {}
+    from torch.utils import cpp_extension
+
+    sources = _sources("*.cpp") + _sources("cpu/*.cpp")
+    cxx_flags = ["-O3"]
+    if _want_cuda(cpp_extension):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        extension = cpp_extension.CUDAExtension(
+            "acl_fused._C", sources + _sources("cuda/*.cu"), include_dirs=[str(CSRC)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
+    else:
+        extension = cpp_extension.CppExtension(
+            "acl_fused._C", sources, include_dirs=[str(CSRC)], extra_compile_args={"cxx": cxx_flags})
+    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension_build()
 
 setup(
     name="acl_fused",
@@ -8,4 +67,6 @@ setup(
     packages=find_packages(include=["acl_fused", "acl_fused.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

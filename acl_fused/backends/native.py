@@ -1,0 +1,197 @@
+"""The native backend: C++ / CUDA kernels registered as ``torch.ops.acl_fused`` ops (csrc/).
+
+Ops (schemas in csrc/ops.cpp; ``family`` / ``row`` are a Layout's int32 [C_out] ``family_i32`` /
+``row_i32``, ``padding`` is explicit (top, bottom, left, right)):
+
+    synthesize(akp [A, Cg, 6], weight [P, Cg, kH, kW] | None, family, row, kernel_size)
+        -> W [C_out, Cg, kH, kW]                                   one parallel loop / launch
+    synthesize_backward(grad_W, akp, family, row, output_mask[2])
+        -> (grad_akp [A, Cg, 6], grad_weight [P, Cg, kH, kW])      one pass over grad_W
+    acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups)
+        -> y                                                       synthesis + ATen convolution
+    acl_conv2d_backward(grad_output, input, akp, weight, family, row, kernel_size, stride, padding,
+                        dilation, groups, output_mask[4]) -> (grad_input, grad_akp, grad_weight, grad_bias)
+
+This module loads the extension, gives every op a fake kernel (torch.compile, meta tensors) and
+gives ``synthesize`` / ``acl_conv2d`` autograd formulas that save (input, akp, weight) only and
+recompute W in the backward. Double backward is refused with a clear error.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from ..conv_args import ConvArgs
+from ..layout import Layout
+from ..validation import FLOAT_DTYPES, Problem
+from . import library_conv
+
+BUILD_HINT = ("build it from the repository root with `pip install --no-build-isolation -e .` (or `make setup`), "
+              "without ACL_FUSED_NO_EXT=1")
+
+
+def _load_extension() -> Optional[str]:
+    """Imports acl_fused._C (which registers the ops); the reason it cannot be used, or None."""
+    try:
+        importlib.import_module("acl_fused._C")
+    except (ImportError, OSError) as e:
+        return f"the compiled extension acl_fused._C is not available ({e}); {BUILD_HINT}"
+    return None
+
+
+#: Why the extension cannot be used (None when it loaded).
+EXTENSION_ERROR: Optional[str] = _load_extension()
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension was built with its CUDA kernels."""
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "acl_fused::synthesize", "CUDA")
+
+
+# -- backend protocol (acl_fused/dispatch.py) -------------------------------------------------
+def why_not(problem: Problem) -> Optional[str]:
+    if EXTENSION_ERROR is not None:
+        return EXTENSION_ERROR
+    device = problem.device.type
+    if device == "cuda" and not has_cuda_kernels():
+        return ("acl_fused._C was built without its CUDA kernels (CPU only); rebuild where a CUDA toolkit and a "
+                "CUDA build of torch are present: `ACL_FUSED_CUDA=1 pip install --no-build-isolation -e .`")
+    if device not in ("cpu", "cuda"):
+        return f"no native kernels for {device!r} tensors (CPU and CUDA only)"
+    if problem.dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        return f"unsupported parameter dtype {problem.dtype} (native kernels take {names})"
+    return None
+
+
+def synthesize(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
+               kernel_size: tuple[int, int]) -> torch.Tensor:
+    """W [C_out, Cg, kH, kW] in akp's dtype (half / bfloat16: computed in float32, rounded once)."""
+    _require_extension()
+    idx = layout.tensors(akp.device)
+    return torch.ops.acl_fused.synthesize(akp, weight, idx["family_i32"], idx["row_i32"], list(kernel_size))
+
+
+def conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
+           bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """y = F.conv2d(x, W, bias, ...) [N, C_out, H_out, W_out]; under autocast W is synthesized in the
+    parameters' dtype and the convolution runs in the autocast dtype, like nn.Conv2d."""
+    _require_extension()
+    x, bias = library_conv.autocast_inputs(x, bias)
+    idx = layout.tensors(akp.device)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.ops.acl_fused.acl_conv2d(
+            x, akp, weight, idx["family_i32"], idx["row_i32"], bias, list(kernel_size), list(conv.stride),
+            list(conv.explicit_padding(kernel_size)), list(conv.dilation), conv.groups)
+
+
+def _require_extension() -> None:
+    if EXTENSION_ERROR is not None:
+        raise RuntimeError(EXTENSION_ERROR)
+
+
+# -- fake kernels: shapes, dtypes and strides exactly as the C++ kernels give them ----------------
+def _pad_input(x: torch.Tensor, padding: list[int]) -> tuple[torch.Tensor, list[int], tuple[int, int]]:
+    """csrc/acl_conv2d.cpp pad_input: (padded input, symmetric padding, offset of the input in it)."""
+    top, bottom, left, right = padding
+    pad_h, pad_w = min(top, bottom), min(left, right)
+    if (top, left) != (bottom, right):
+        x = torch.ops.aten.constant_pad_nd(x, [left - pad_w, right - pad_w, top - pad_h, bottom - pad_h], 0)
+    return x, [pad_h, pad_w], (top - pad_h, left - pad_w)
+
+
+def _fake_synthesize(akp, weight, family, row, kernel_size):
+    return akp.new_empty((family.shape[0], akp.shape[1], *kernel_size))
+
+
+def _fake_synthesize_backward(grad_W, akp, family, row, output_mask):
+    grad_akp = akp.new_empty(akp.shape) if output_mask[0] else akp.new_empty((0,))
+    grad_weight = (akp.new_empty((family.shape[0] - akp.shape[0], akp.shape[1], *grad_W.shape[2:]))
+                   if output_mask[1] else akp.new_empty((0,)))
+    return grad_akp, grad_weight
+
+
+def _fake_acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups):
+    w = input.new_empty((family.shape[0], akp.shape[1], *kernel_size))
+    x, symmetric, _ = _pad_input(input, padding)
+    return torch.ops.aten.convolution(x, w, bias, stride, symmetric, dilation, False, [0, 0], groups)
+
+
+def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kernel_size, stride, padding,
+                              dilation, groups, output_mask):
+    want_input, want_akp, want_weight, want_bias = output_mask
+    grad_input = grad_bias = input.new_empty((0,))
+    if want_input or want_bias:
+        w = input.new_empty((family.shape[0], akp.shape[1], *kernel_size))
+        x, symmetric, (top, left) = _pad_input(input, padding)
+        gx, _, gb = torch.ops.aten.convolution_backward(
+            grad_output.to(input.dtype), x, w, [family.shape[0]] if want_bias else None, stride, symmetric,
+            dilation, False, [0, 0], groups, [want_input, False, want_bias])
+        if want_input:
+            grad_input = gx if x is input else gx[..., top:top + input.shape[2], left:left + input.shape[3]]
+        if want_bias:
+            grad_bias = gb
+    grad_akp, grad_weight = _fake_synthesize_backward(
+        grad_output.new_empty((family.shape[0], akp.shape[1], *kernel_size)), akp, family, row,
+        [want_akp, want_weight])
+    return grad_input, grad_akp, grad_weight, grad_bias
+
+
+# -- autograd: save inputs, recompute W in the backward -------------------------------------------
+def _setup_synthesize(ctx, inputs, output):
+    akp, weight, family, row, _ = inputs
+    ctx.save_for_backward(akp, family, row)
+    ctx.has_weight = weight is not None
+
+
+def _backward_synthesize(ctx, grad_W):
+    akp, family, row = ctx.saved_tensors
+    want_akp, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_weight
+    grad_akp = grad_weight = None
+    if want_akp or want_weight:
+        grad_akp, grad_weight = torch.ops.acl_fused.synthesize_backward(
+            grad_W, akp, family, row, [want_akp, want_weight])
+    return (grad_akp if want_akp else None, grad_weight if want_weight else None, None, None, None)
+
+
+def _setup_acl_conv2d(ctx, inputs, output):
+    x, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, akp, weight, family, row)
+    ctx.conv = (kernel_size, stride, padding, dilation, groups)
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _backward_acl_conv2d(ctx, grad_y):
+    x, akp, weight, family, row = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] and ctx.has_weight, need[5] and ctx.has_bias]
+    grads = [None] * 4
+    if any(mask):
+        grads = torch.ops.acl_fused.acl_conv2d_backward(grad_y, x, akp, weight, family, row, *ctx.conv, mask)
+    grad_x, grad_akp, grad_weight, grad_bias = (g if m else None for g, m in zip(grads, mask))
+    return grad_x, grad_akp, grad_weight, None, None, grad_bias, None, None, None, None, None
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "acl_fused native backend: double backward (differentiating a gradient, e.g. backward(create_graph=True) "
+        "followed by another backward, or gradgradcheck) is not supported; use backend='reference' for "
+        "higher-order gradients")
+
+
+def _register() -> None:
+    lib = "acl_fused::"
+    for name, fake in (("synthesize", _fake_synthesize), ("synthesize_backward", _fake_synthesize_backward),
+                       ("acl_conv2d", _fake_acl_conv2d), ("acl_conv2d_backward", _fake_acl_conv2d_backward)):
+        torch.library.register_fake(lib + name, fake)
+    torch.library.register_autograd(lib + "synthesize", _backward_synthesize, setup_context=_setup_synthesize)
+    torch.library.register_autograd(lib + "acl_conv2d", _backward_acl_conv2d, setup_context=_setup_acl_conv2d)
+    for name in ("synthesize_backward", "acl_conv2d_backward"):
+        torch.library.register_autograd(lib + name, _refuse_double_backward)
+
+
+if EXTENSION_ERROR is None:
+    _register()

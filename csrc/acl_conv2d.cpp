@@ -1,0 +1,117 @@
+// acl_conv2d: synthesis kernels around ATen's convolution (oneDNN on CPU, cuDNN on CUDA).
+// Device-agnostic: it reaches the synthesis kernels through the dispatcher, and cpu/ and cuda/
+// register it for their device. W is recomputed in the backward, never saved.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "ops.h"
+
+namespace acl_fused {
+namespace {
+
+at::Tensor synthesize(const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
+                      const at::Tensor& row, at::IntArrayRef kernel_size) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("acl_fused::synthesize", "")
+                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                                               const at::Tensor&, const at::Tensor&, at::IntArrayRef)>();
+  return op.call(akp, weight, family, row, kernel_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> synthesize_backward(const at::Tensor& grad_W, const at::Tensor& akp,
+                                                       const at::Tensor& family, const at::Tensor& row,
+                                                       std::array<bool, 2> output_mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("acl_fused::synthesize_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, const at::Tensor&,
+                                                                       std::array<bool, 2>)>();
+  return op.call(grad_W, akp, family, row, output_mask);
+}
+
+// F.conv2d's treatment of asymmetric padding ('same' with an even dilated kernel): zero-pad the
+// extra rows / columns explicitly, then convolve with the symmetric remainder.
+struct PaddedInput {
+  at::Tensor x;
+  std::array<int64_t, 2> symmetric;  // (height, width) padding left to the convolution
+  int64_t top_extra, left_extra;      // where the original input starts inside x
+};
+
+PaddedInput pad_input(const at::Tensor& input, at::IntArrayRef padding) {
+  TORCH_CHECK(padding.size() == 4 && *std::min_element(padding.begin(), padding.end()) >= 0,
+              "acl_fused: padding must be four non-negative ints (top, bottom, left, right), got ", padding);
+  const int64_t top = padding[0], bottom = padding[1], left = padding[2], right = padding[3];
+  const int64_t pad_h = std::min(top, bottom), pad_w = std::min(left, right);
+  PaddedInput out{input, {pad_h, pad_w}, top - pad_h, left - pad_w};
+  if (top != bottom || left != right) {
+    out.x = at::constant_pad_nd(input, {left - pad_w, right - pad_w, top - pad_h, bottom - pad_h}, 0);
+  }
+  return out;
+}
+
+void check_conv_args(const at::Tensor& input, const at::Tensor& akp, int64_t c_out, at::IntArrayRef stride,
+                     at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, "acl_fused: input must have shape [N, C_in, H, W], got ", input.sizes());
+  TORCH_CHECK(input.device() == akp.device(), "acl_fused: input and akp must be on the same device, got ",
+              input.device(), " and ", akp.device());
+  TORCH_CHECK(groups >= 1 && input.size(1) == akp.size(1) * groups && c_out % groups == 0,
+              "acl_fused: input has ", input.size(1), " channels, expected C_in/groups * groups = ", akp.size(1),
+              " * ", groups, " with ", c_out, " output channels divisible by groups");
+  TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, "acl_fused: stride and dilation must be pairs");
+}
+
+at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace
+
+at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                      const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, int64_t groups) {
+  check_conv_args(input, akp, family.size(0), stride, dilation, groups);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == family.size(0) && bias->scalar_type() == input.scalar_type(),
+                "acl_fused: bias must be a [", family.size(0), "] tensor of input's dtype ", input.scalar_type(),
+                ", got ", bias->scalar_type(), " of shape ", bias->sizes());
+  }
+  // Synthesized in the parameters' dtype (float32 for autocast), then one cast to the conv dtype.
+  const at::Tensor w = synthesize(akp, weight, family, row, kernel_size).to(input.scalar_type());
+  const PaddedInput p = pad_input(input, padding);
+  return at::convolution(p.x, w, bias, stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
+    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 4> output_mask) {
+  const int64_t c_out = family.size(0);
+  check_conv_args(input, akp, c_out, stride, dilation, groups);
+  const bool want_input = output_mask[0], want_akp = output_mask[1], want_weight = output_mask[2];
+  const bool want_bias = output_mask[3], want_w = want_akp || want_weight;
+
+  at::Tensor grad_input = empty_grad(input), grad_bias = empty_grad(input);
+  at::Tensor grad_akp = empty_grad(akp), grad_weight = empty_grad(akp);
+  if (!(want_input || want_w || want_bias)) {
+    return {grad_input, grad_akp, grad_weight, grad_bias};
+  }
+  const at::Tensor w = synthesize(akp, weight, family, row, kernel_size).to(input.scalar_type());
+  const PaddedInput p = pad_input(input, padding);
+  const std::vector<int64_t> bias_sizes{c_out};
+  auto [gx, gw, gb] = at::convolution_backward(
+      grad_output.to(input.scalar_type()), p.x, w, want_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+      stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups, {want_input, want_w, want_bias});
+  if (want_input) {
+    grad_input = p.x.is_same(input)
+                     ? gx
+                     : gx.narrow(2, p.top_extra, input.size(2)).narrow(3, p.left_extra, input.size(3));
+  }
+  if (want_bias) grad_bias = gb;
+  if (want_w) {
+    std::tie(grad_akp, grad_weight) =
+        synthesize_backward(gw.to(akp.scalar_type()), akp, family, row, {want_akp, want_weight});
+  }
+  return {grad_input, grad_akp, grad_weight, grad_bias};
+}
+
+}  // namespace acl_fused

@@ -1,0 +1,271 @@
+#pragma once
+// The family formulas of SPEC §2-§4 and their derivatives with respect to the raw AKPs, written
+// once for the CPU (g++) and CUDA (nvcc) kernels.
+//
+// Everything works on one (o, c) slice. A family object is built from the slice's raw AKPs
+// (the per-slice constants: pos(), cos θ, sin θ, reciprocals, computed once) and then
+//   value(x, y)              K at grid point (x, y);
+//   add_grad(x, y, g, acc)   acc += g * (dK/dp without the per-slice factors);
+//   finish(acc)              multiplies the per-slice factors in (d pos / ds, a, 1/σ^n, ...),
+// so acc[k] ends as Σ g · dK/dp_k over the points visited. finish() is linear: a kernel may split
+// a slice's points over several threads, finish each partial sum, and add the partials.
+// T is the compute type: float (float32 and, for half / bfloat16 parameters, their float32
+// synthesis) or double.
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace acl_fused {
+
+// Family codes of SPEC §4 (also in acl_fused/families.py).
+enum FamilyCode : int { kPlain = 0, kGabor = 1, kLog = 2, kLot = 3, kTgd1 = 4, kTgd2 = 5, kMean = 6 };
+constexpr int kNumFamilies = 7;
+// Width of the packed AKP tensor's last axis (SPEC §5).
+constexpr int kAkpSlots = 6;
+
+namespace math {
+// Explicit float / double overloads: the same calls resolve to the CUDA device functions under
+// nvcc and to libm on the host, and float never silently widens to double.
+C10_HOST_DEVICE inline float exp(float v) { return ::expf(v); }
+C10_HOST_DEVICE inline double exp(double v) { return ::exp(v); }
+C10_HOST_DEVICE inline float cos(float v) { return ::cosf(v); }
+C10_HOST_DEVICE inline double cos(double v) { return ::cos(v); }
+C10_HOST_DEVICE inline float sin(float v) { return ::sinf(v); }
+C10_HOST_DEVICE inline double sin(double v) { return ::sin(v); }
+C10_HOST_DEVICE inline float sqrt(float v) { return ::sqrtf(v); }
+C10_HOST_DEVICE inline double sqrt(double v) { return ::sqrt(v); }
+}  // namespace math
+
+// Positive quantity read from a raw value (SPEC §3): q = pos(s) = exp(s) + 1e-3.
+// dq/ds = exp(s), kept as `grow` for the chain rule.
+template <typename T>
+struct Positive {
+  T value, grow;
+  C10_HOST_DEVICE explicit Positive(T raw) : grow(math::exp(raw)) { value = grow + T(1e-3); }
+};
+
+// Rotated coordinates of SPEC §2: x' = x cos θ + y sin θ, y' = -x sin θ + y cos θ.
+template <typename T>
+struct Rotation {
+  T c, s;
+  C10_HOST_DEVICE explicit Rotation(T theta) : c(math::cos(theta)), s(math::sin(theta)) {}
+  C10_HOST_DEVICE T xr(T x, T y) const { return x * c + y * s; }
+  C10_HOST_DEVICE T yr(T x, T y) const { return -x * s + y * c; }
+};
+
+// GABOR: K = a exp(-(x'^2 + γ^2 y'^2) / (2σ^2)) cos(2π x'/λ + ψ); AKPs a, θ, s_σ, s_γ, s_λ, ψ.
+// With E the envelope, C, S the cosine and sine of the phase, q = x'^2 + γ^2 y'^2, k = 2π/λ:
+//   dK/dθ = -a E (C x'y' (1 - γ^2)/σ^2 + S k y')   dK/dσ = a C E q/σ^3
+//   dK/dγ = -a C E γ y'^2/σ^2                      dK/dλ = a E S k x'/λ      dK/dψ = -a E S
+template <typename T>
+struct Gabor {
+  T a, psi, inv_2s2, gamma2, k, theta_mix;
+  Rotation<T> rot;
+  Positive<T> sigma, gamma, lambda;
+
+  C10_HOST_DEVICE explicit Gabor(const T* p)
+      : a(p[0]), psi(p[5]), rot(p[1]), sigma(p[2]), gamma(p[3]), lambda(p[4]) {
+    const T s2 = sigma.value * sigma.value;
+    inv_2s2 = T(1) / (T(2) * s2);
+    gamma2 = gamma.value * gamma.value;
+    k = T(6.283185307179586) / lambda.value;
+    theta_mix = (T(1) - gamma2) / s2;
+  }
+  C10_HOST_DEVICE T value(T x, T y) const {
+    const T xr = rot.xr(x, y), yr = rot.yr(x, y);
+    return a * math::exp(-(xr * xr + gamma2 * yr * yr) * inv_2s2) * math::cos(k * xr + psi);
+  }
+  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+    const T xr = rot.xr(x, y), yr = rot.yr(x, y);
+    const T q = xr * xr + gamma2 * yr * yr;
+    const T ge = g * math::exp(-q * inv_2s2);
+    const T phase = k * xr + psi;
+    const T gec = ge * math::cos(phase), ges = ge * math::sin(phase);
+    acc[0] += gec;
+    acc[1] += yr * (gec * xr * theta_mix + ges * k);
+    acc[2] += gec * q;
+    acc[3] += gec * yr * yr;
+    acc[4] += ges * xr;
+    acc[5] += ges;
+  }
+  C10_HOST_DEVICE void finish(T* acc) const {
+    const T s = sigma.value;
+    acc[1] *= -a;
+    acc[2] *= a / (s * s * s) * sigma.grow;
+    acc[3] *= -a * gamma.value / (s * s) * gamma.grow;
+    acc[4] *= a * k / lambda.value * lambda.grow;
+    acc[5] *= -a;
+  }
+};
+
+// LOG: K = a (1 - t) exp(-t), t = r^2 / (2σ^2); AKPs a, s_σ.  dK/dσ = 2a t (2 - t) exp(-t) / σ.
+template <typename T>
+struct LoG {
+  T a, inv_2s2;
+  Positive<T> sigma;
+
+  C10_HOST_DEVICE explicit LoG(const T* p) : a(p[0]), sigma(p[1]) {
+    inv_2s2 = T(1) / (T(2) * sigma.value * sigma.value);
+  }
+  C10_HOST_DEVICE T value(T x, T y) const {
+    const T t = (x * x + y * y) * inv_2s2;
+    return a * (T(1) - t) * math::exp(-t);
+  }
+  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+    const T t = (x * x + y * y) * inv_2s2;
+    const T ge = g * math::exp(-t);
+    acc[0] += ge * (T(1) - t);
+    acc[1] += ge * t * (T(2) - t);
+  }
+  C10_HOST_DEVICE void finish(T* acc) const { acc[1] *= T(2) * a / sigma.value * sigma.grow; }
+};
+
+// LOT: K = a (max(0, 1 - r/ρ) - ¼ max(0, 1 - r/(2ρ))); AKPs a, s_ρ.
+// dK/dρ = a r/ρ^2 ([1 - r/ρ > 0] - ⅛ [1 - r/(2ρ) > 0]): the active branch, zero at the tie (SPEC §4).
+template <typename T>
+struct LoT {
+  T a, two_rho;
+  Positive<T> rho;
+
+  C10_HOST_DEVICE explicit LoT(const T* p) : a(p[0]), rho(p[1]) { two_rho = T(2) * rho.value; }
+  C10_HOST_DEVICE static T relu(T u) { return u > T(0) ? u : T(0); }
+  C10_HOST_DEVICE T value(T x, T y) const {
+    const T r = math::sqrt(x * x + y * y);
+    return a * (relu(T(1) - r / rho.value) - T(0.25) * relu(T(1) - r / two_rho));
+  }
+  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+    const T r = math::sqrt(x * x + y * y);
+    const T inner = T(1) - r / rho.value, outer = T(1) - r / two_rho;
+    acc[0] += g * (relu(inner) - T(0.25) * relu(outer));
+    acc[1] += g * r * ((inner > T(0) ? T(1) : T(0)) - (outer > T(0) ? T(0.125) : T(0)));
+  }
+  C10_HOST_DEVICE void finish(T* acc) const { acc[1] *= a / (rho.value * rho.value) * rho.grow; }
+};
+
+// TGD1: K = a (G(x' - σ) - G(x' + σ)) G(y'), G(u) = exp(-u^2 / (2σ^2)); AKPs a, θ, s_σ.
+// With G1 = G(x' - σ), G2 = G(x' + σ), Gy = G(y'), D = G1 - G2:
+//   dK/dθ = a Gy y' (G1 + G2) / σ
+//   dK/dσ = a Gy (x' (G1 (x' - σ) - G2 (x' + σ)) + D y'^2) / σ^3
+template <typename T>
+struct Tgd1 {
+  T a, inv_2s2;
+  Rotation<T> rot;
+  Positive<T> sigma;
+
+  C10_HOST_DEVICE explicit Tgd1(const T* p) : a(p[0]), rot(p[1]), sigma(p[2]) {
+    inv_2s2 = T(1) / (T(2) * sigma.value * sigma.value);
+  }
+  C10_HOST_DEVICE T gauss(T u) const { return math::exp(-u * u * inv_2s2); }
+  C10_HOST_DEVICE T value(T x, T y) const {
+    const T xr = rot.xr(x, y), yr = rot.yr(x, y), s = sigma.value;
+    return a * (gauss(xr - s) - gauss(xr + s)) * gauss(yr);
+  }
+  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+    const T xr = rot.xr(x, y), yr = rot.yr(x, y), s = sigma.value;
+    const T g1 = gauss(xr - s), g2 = gauss(xr + s), d = g1 - g2, gy = g * gauss(yr);
+    acc[0] += gy * d;
+    acc[1] += gy * yr * (g1 + g2);
+    acc[2] += gy * (xr * (g1 * (xr - s) - g2 * (xr + s)) + d * yr * yr);
+  }
+  C10_HOST_DEVICE void finish(T* acc) const {
+    const T s = sigma.value;
+    acc[1] *= a / s;
+    acc[2] *= a / (s * s * s) * sigma.grow;
+  }
+};
+
+// TGD2: K = a (G_σ(x') - ½ G_2σ(x')) G_σ(y'); AKPs a, θ, s_σ.
+// With A = G_σ(x'), B = G_2σ(x'), Gy = G_σ(y'), D = A - B/2:
+//   dK/dθ = -⅜ a Gy x' y' B / σ^2
+//   dK/dσ = a Gy (x'^2 (A - B/8) + D y'^2) / σ^3
+template <typename T>
+struct Tgd2 {
+  T a, inv_2s2;
+  Rotation<T> rot;
+  Positive<T> sigma;
+
+  C10_HOST_DEVICE explicit Tgd2(const T* p) : a(p[0]), rot(p[1]), sigma(p[2]) {
+    inv_2s2 = T(1) / (T(2) * sigma.value * sigma.value);
+  }
+  C10_HOST_DEVICE T value(T x, T y) const {
+    const T xr = rot.xr(x, y), yr = rot.yr(x, y), ex = -xr * xr * inv_2s2;
+    return a * (math::exp(ex) - T(0.5) * math::exp(T(0.25) * ex)) * math::exp(-yr * yr * inv_2s2);
+  }
+  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+    const T xr = rot.xr(x, y), yr = rot.yr(x, y), ex = -xr * xr * inv_2s2;
+    const T wide = math::exp(T(0.25) * ex), narrow = math::exp(ex), d = narrow - T(0.5) * wide;
+    const T gy = g * math::exp(-yr * yr * inv_2s2);
+    acc[0] += gy * d;
+    acc[1] += gy * xr * yr * wide;
+    acc[2] += gy * (xr * xr * (narrow - T(0.125) * wide) + d * yr * yr);
+  }
+  C10_HOST_DEVICE void finish(T* acc) const {
+    const T s = sigma.value;
+    acc[1] *= T(-0.375) * a / (s * s);
+    acc[2] *= a / (s * s * s) * sigma.grow;
+  }
+};
+
+// MEAN: K = a / (kH kW); AKP a.
+template <typename T>
+struct Mean {
+  T a, area;
+  C10_HOST_DEVICE Mean(const T* p, T area_) : a(p[0]), area(area_) {}
+  C10_HOST_DEVICE T value(T, T) const { return a / area; }
+  C10_HOST_DEVICE void add_grad(T, T, T g, T* acc) const { acc[0] += g; }
+  C10_HOST_DEVICE void finish(T* acc) const { acc[0] /= area; }
+};
+
+// Calls visit(family object) for an analytic family code; does nothing for any other code
+// (callers check codes: TORCH_CHECK on the host, CUDA_KERNEL_ASSERT on the device).
+template <typename T, typename Visitor>
+C10_HOST_DEVICE void visit_family(int code, const T* p, int kh, int kw, Visitor&& visit) {
+  switch (code) {
+    case kGabor: visit(Gabor<T>(p)); break;
+    case kLog: visit(LoG<T>(p)); break;
+    case kLot: visit(LoT<T>(p)); break;
+    case kTgd1: visit(Tgd1<T>(p)); break;
+    case kTgd2: visit(Tgd2<T>(p)); break;
+    case kMean: visit(Mean<T>(p, T(kh * kw))); break;
+    default: break;
+  }
+}
+
+// Grid point of element e = i * kW + j (SPEC §2): x along the width, y along the height.
+template <typename T>
+struct Grid {
+  int kw;
+  T cx, cy;
+  C10_HOST_DEVICE Grid(int kh, int kw_) : kw(kw_), cx(T(kw_ - 1) / T(2)), cy(T(kh - 1) / T(2)) {}
+  C10_HOST_DEVICE T x(int e) const { return T(e % kw) - cx; }
+  C10_HOST_DEVICE T y(int e) const { return T(e / kw) - cy; }
+};
+
+// w[e] = K_code(p) at elements e = first, first + step, ... < kh * kw of one analytic slice.
+template <typename T, typename scalar_t>
+C10_HOST_DEVICE void synthesize_slice(int code, const T* p, int kh, int kw, int first, int step,
+                                      scalar_t* w) {
+  const Grid<T> grid(kh, kw);
+  visit_family(code, p, kh, kw, [&](const auto& family) {
+    for (int e = first; e < kh * kw; e += step) {
+      w[e] = static_cast<scalar_t>(family.value(grid.x(e), grid.y(e)));
+    }
+  });
+}
+
+// grad[k] = Σ g[e] · dK_code(p)[e] / dp_k over elements e = first, first + step, ... < kh * kw,
+// for all kAkpSlots slots (unused slots get 0).
+template <typename T, typename scalar_t>
+C10_HOST_DEVICE void akp_grad_slice(int code, const T* p, int kh, int kw, int first, int step,
+                                    const scalar_t* g, T* grad) {
+  for (int k = 0; k < kAkpSlots; ++k) grad[k] = T(0);
+  const Grid<T> grid(kh, kw);
+  visit_family(code, p, kh, kw, [&](const auto& family) {
+    for (int e = first; e < kh * kw; e += step) {
+      family.add_grad(grid.x(e), grid.y(e), static_cast<T>(g[e]), grad);
+    }
+    family.finish(grad);
+  });
+}
+
+}  // namespace acl_fused

@@ -1,0 +1,126 @@
+// The acl_fused operator library: every op schema, in one place. Kernels are registered per
+// device in cpu/ and cuda/; fake (meta) kernels and autograd in acl_fused/backends/native.py.
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "families.h"
+#include "ops.h"
+
+// `import acl_fused._C` loads this shared library, which runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "acl_fused native ops (torch.ops.acl_fused)", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(acl_fused, m) {
+  // W [C_out, Cg, kH, kW] from akp [A, Cg, 6] and weight [P, Cg, kH, kW] (None when P = 0);
+  // family, row: int32 [C_out] family code of each output channel and its row in weight (plain)
+  // or akp (analytic). W has akp's dtype; half / bfloat16 are computed in float32, rounded once.
+  m.def("synthesize(Tensor akp, Tensor? weight, Tensor family, Tensor row, int[2] kernel_size) -> Tensor");
+  // (grad_akp [A, Cg, 6] with zeros in unused slots, grad_weight [C_out - A, Cg, kH, kW]), both in
+  // akp's dtype, from grad_W [C_out, Cg, kH, kW]. An output not asked for in output_mask
+  // (akp, weight) is returned as an empty tensor of shape [0].
+  m.def("synthesize_backward(Tensor grad_W, Tensor akp, Tensor family, Tensor row, bool[2] output_mask) "
+        "-> (Tensor grad_akp, Tensor grad_weight)");
+  // y = conv2d(input, synthesize(...), bias) in input's dtype. padding is explicit
+  // (top, bottom, left, right); asymmetric padding is handled as F.conv2d does for 'same'.
+  // bias, when given, has input's dtype.
+  m.def("acl_conv2d(Tensor input, Tensor akp, Tensor? weight, Tensor family, Tensor row, Tensor? bias, "
+        "int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, int groups) -> Tensor");
+  // Gradients of acl_conv2d for (input, akp, weight, bias); grad_akp / grad_weight in akp's
+  // dtype, grad_input / grad_bias in input's. Outputs not in output_mask are empty tensors [0].
+  m.def("acl_conv2d_backward(Tensor grad_output, Tensor input, Tensor akp, Tensor? weight, Tensor family, "
+        "Tensor row, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
+        "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_akp, Tensor grad_weight, Tensor grad_bias)");
+}
+
+namespace acl_fused {
+namespace {
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_akp(const at::Tensor& akp) {
+  TORCH_CHECK(akp.dim() == 3 && akp.size(2) == kAkpSlots, "acl_fused: akp must have shape [A, C_in/groups, ",
+              kAkpSlots, "], got ", akp.sizes());
+  TORCH_CHECK(is_float_type(akp.scalar_type()), "acl_fused: akp must be float16, bfloat16, float32 or float64, got ",
+              akp.scalar_type());
+}
+
+// family / row: int32 [C_out] on akp's device.
+int64_t check_layout_tensors(const at::Tensor& akp, const at::Tensor& family, const at::Tensor& row) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{family, "family"}, {row, "row"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kInt, "acl_fused: ", name,
+                " must be a 1-D int32 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+    TORCH_CHECK(t.device() == akp.device(), "acl_fused: ", name, " must be on akp's device ", akp.device(),
+                ", got ", t.device());
+  }
+  TORCH_CHECK(family.size(0) == row.size(0), "acl_fused: family and row must have the same length, got ",
+              family.size(0), " and ", row.size(0));
+  return family.size(0);
+}
+
+}  // namespace
+
+SynthesisShape check_synthesize_args(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& family, const at::Tensor& row,
+                                     at::IntArrayRef kernel_size) {
+  check_akp(akp);
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1,
+              "acl_fused: kernel_size must be two positive ints, got ", kernel_size);
+  const int64_t c_out = check_layout_tensors(akp, family, row);
+  SynthesisShape shape{c_out, akp.size(1), kernel_size[0], kernel_size[1], akp.size(0), 0};
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK(w.dim() == 4 && w.size(1) == shape.cg && w.size(2) == shape.kh && w.size(3) == shape.kw,
+                "acl_fused: weight must have shape [P, ", shape.cg, ", ", shape.kh, ", ", shape.kw, "], got ",
+                w.sizes());
+    TORCH_CHECK(w.scalar_type() == akp.scalar_type(), "acl_fused: weight and akp must have the same dtype, got ",
+                w.scalar_type(), " and ", akp.scalar_type());
+    TORCH_CHECK(w.device() == akp.device(), "acl_fused: weight and akp must be on the same device, got ",
+                w.device(), " and ", akp.device());
+    shape.num_plain = w.size(0);
+  }
+  TORCH_CHECK(shape.num_analytic + shape.num_plain == c_out, "acl_fused: akp has ", shape.num_analytic,
+              " rows and weight ", shape.num_plain, ", but family lists ", c_out, " output channels");
+  return shape;
+}
+
+SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at::Tensor& akp,
+                                              const at::Tensor& family, const at::Tensor& row) {
+  check_akp(akp);
+  const int64_t c_out = check_layout_tensors(akp, family, row);
+  TORCH_CHECK(grad_W.dim() == 4 && grad_W.size(0) == c_out && grad_W.size(1) == akp.size(1),
+              "acl_fused: grad_W must have shape [", c_out, ", ", akp.size(1), ", kH, kW], got ", grad_W.sizes());
+  TORCH_CHECK(is_float_type(grad_W.scalar_type()), "acl_fused: grad_W must be a floating-point tensor, got ",
+              grad_W.scalar_type());
+  TORCH_CHECK(grad_W.device() == akp.device(), "acl_fused: grad_W must be on akp's device ", akp.device(),
+              ", got ", grad_W.device());
+  TORCH_CHECK(akp.size(0) <= c_out, "acl_fused: akp has ", akp.size(0), " rows but family lists only ", c_out,
+              " output channels");
+  return {c_out, akp.size(1), grad_W.size(2), grad_W.size(3), akp.size(0), c_out - akp.size(0)};
+}
+
+void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape) {
+  const at::Tensor f = family.contiguous(), r = row.contiguous();
+  const int* codes = f.data_ptr<int>();
+  const int* rows = r.data_ptr<int>();
+  // Each plain row and each analytic row must be used by exactly one output channel.
+  std::vector<char> plain_seen(shape.num_plain, 0), analytic_seen(shape.num_analytic, 0);
+  for (int64_t o = 0; o < shape.c_out; ++o) {
+    TORCH_CHECK(codes[o] >= 0 && codes[o] < kNumFamilies, "acl_fused: family[", o, "] = ", codes[o],
+                " is not a family code (0..", kNumFamilies - 1, ")");
+    auto& seen = codes[o] == kPlain ? plain_seen : analytic_seen;
+    TORCH_CHECK(rows[o] >= 0 && rows[o] < static_cast<int64_t>(seen.size()) && !seen[rows[o]], "acl_fused: row[",
+                o, "] = ", rows[o], " is out of range or used twice (", seen.size(), " ",
+                codes[o] == kPlain ? "plain" : "analytic", " rows)");
+    seen[rows[o]] = 1;
+  }
+}
+
+}  // namespace acl_fused

@@ -1,0 +1,41 @@
+#pragma once
+// Host-side declarations shared by the per-device kernel files: argument checks of the ops
+// defined in ops.cpp, and the device-agnostic acl_conv2d composite (acl_conv2d.cpp).
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace acl_fused {
+
+// Sizes of one synthesis problem: W is [c_out, cg, kh, kw], akp [num_analytic, cg, 6],
+// weight [num_plain, cg, kh, kw].
+struct SynthesisShape {
+  int64_t c_out, cg, kh, kw, num_analytic, num_plain;
+  int64_t slices() const { return c_out * cg; }
+};
+
+// Shapes, dtypes and devices of acl_fused::synthesize's arguments (TORCH_CHECK, PyTorch-style).
+SynthesisShape check_synthesize_args(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& family, const at::Tensor& row,
+                                     at::IntArrayRef kernel_size);
+// Same for acl_fused::synthesize_backward.
+SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at::Tensor& akp,
+                                              const at::Tensor& family, const at::Tensor& row);
+// Family codes in range and rows inside akp / weight. Reads the values: host tensors only (on
+// CUDA the kernels assert instead, so that no call synchronises).
+void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape);
+
+at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                      const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, int64_t groups);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
+    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 4> output_mask);
+
+}  // namespace acl_fused
