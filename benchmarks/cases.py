@@ -70,6 +70,11 @@ DTYPE_MODES = {m.name: m for m in (
 )}
 
 
+def available_devices() -> list[torch.device]:
+    """CPU, and CUDA when there is a device."""
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
 def all_analytic(out_channels: int) -> dict[Family, int]:
     """Every channel analytic, spread evenly over the six analytic families (low codes get the rest)."""
     analytic = [f for f in Family if f != Family.PLAIN]

@@ -40,7 +40,7 @@ from .cases import (CONV2D, DTYPE_MODES, LAYOUTS, MEMORY_FORMATS, PASSES, REFERE
 from .resnet import BLOCKS
 from .shapes import SWEEPS, select_shapes
 from .timing import TimerSettings, peak_memory, saved_tensor_bytes, time_side_by_side
-from .training import TrainRow, format_train_row, measure_training
+from .training import TrainRow, measure_training
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 SECTIONS = ("layers", "synthesis", "training")
@@ -390,6 +390,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup-ms", type=float, default=10.0, help="CUDA warm-up per implementation")
     p.add_argument("--rep-ms", type=float, help="CUDA: milliseconds of timed calls per implementation")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="keep torch.backends.cudnn.benchmark off")
     p.add_argument("--out", type=Path, default=OUT_DIR)
     return p.parse_args(argv)
@@ -412,6 +413,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              cuda_warmup_ms=args.warmup_ms, cuda_rep_ms=args.rep_ms or (30.0 if args.quick else 50.0),
                              rounds=args.rounds)
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment(device, argv, settings)
     for k, v in env.items():
         print(f"{k}: {v}")

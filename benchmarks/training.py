@@ -50,9 +50,22 @@ def build_network(impl: str, network: str, device: torch.device, memory_format: 
     return resnet(BLOCKS[network], conv, NUM_CLASSES).to(device=device, memory_format=MEMORY_FORMATS[memory_format])
 
 
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> Callable[[], None]:
-    """One SGD step (momentum 0.9): zero grads, forward (under autocast for low-precision modes),
-    cross-entropy, backward (outside autocast), optimizer step."""
+def training_batch(device: torch.device, batch: int, image_size: int,
+                   memory_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded images [batch, 3, image_size, image_size] and class labels [batch]."""
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
+        memory_format=MEMORY_FORMATS[memory_format])
+    return images, torch.randint(0, NUM_CLASSES, (batch,), device=device)
+
+
+def train_step(impl: str, network: str, images: torch.Tensor, labels: torch.Tensor, dtype: str,
+               memory_format: str) -> Callable[[], None]:
+    """One SGD step (momentum 0.9) of a fresh ``network`` built for ``impl``: zero grads, forward
+    (under autocast for low-precision modes), cross-entropy, backward (outside autocast), optimizer
+    step. Runs it once before returning it, so a backend that cannot run some conv raises
+    BackendUnavailable here. Call inside ``DTYPE_MODES[dtype].flags()``."""
+    model = build_network(impl, network, images.device, memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     mode = DTYPE_MODES[dtype]
 
@@ -62,6 +75,7 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dty
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
+    step()
     return step
 
 
@@ -81,10 +95,7 @@ def measure_training(device: torch.device, network: str, image_size: int, batch:
             if mode.why_not(device):
                 rows += [row(impl, "not timed", note=mode.why_not(device)) for impl in [CONV2D, *backends]]
                 continue
-            torch.manual_seed(0)
-            images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
-                memory_format=MEMORY_FORMATS[fmt])
-            labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+            images, labels = training_batch(device, batch, image_size, fmt)
             steps: dict[str, Callable[[], None]] = {}
             skipped: dict[str, TrainRow] = {}
             with mode.flags():
@@ -94,9 +105,7 @@ def measure_training(device: torch.device, network: str, image_size: int, batch:
                         skipped[impl] = row(impl, "not timed", note=reason)
                         continue
                     try:
-                        step = train_step(build_network(impl, network, device, fmt), images, labels, dtype)
-                        step()   # a backend that cannot run some conv says so here
-                        steps[impl] = step
+                        steps[impl] = train_step(impl, network, images, labels, dtype, fmt)
                     except BackendUnavailable as e:
                         skipped[impl] = row(impl, "not timed", note=unavailable_reason(e, impl))
                     except Exception as e:  # reported in the table, not hidden
