@@ -132,9 +132,7 @@ def make_layout(spec: LayoutSpec, out_channels: int) -> Layout:
         raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
     if spec is None:
         return Layout(default_codes(out_channels))
-    if isinstance(spec, Layout):
-        codes = list(spec.codes)
-    elif isinstance(spec, Mapping):
+    if isinstance(spec, Mapping):
         counts: dict[Family, int] = {}
         for key, n in spec.items():
             f = as_family(key)
@@ -150,7 +148,7 @@ def make_layout(spec: LayoutSpec, out_channels: int) -> Layout:
                 f"but out_channels is {out_channels}")
         codes = [int(f) for f in sorted(counts) for _ in range(counts[f])]
     else:
-        codes = layout_codes(spec)
+        codes = list(spec.codes) if isinstance(spec, Layout) else layout_codes(spec)
         if len(codes) != out_channels:
             raise ValueError(f"layout lists {len(codes)} channels but out_channels is {out_channels}")
     return Layout(codes)
