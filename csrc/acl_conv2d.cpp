@@ -1,8 +1,15 @@
 // acl_conv2d: synthesis kernels around ATen's convolution (oneDNN on CPU, cuDNN on CUDA).
 // Device-agnostic: it reaches the synthesis kernels through the dispatcher, and cpu/ and cuda/
 // register it for their device. W is recomputed in the backward, never saved.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "ops.h"
 

@@ -1,7 +1,7 @@
 // The acl_fused operator library: every op schema, in one place. Kernels are registered per
 // device in cpu/ and cuda/; fake (meta) kernels and autograd in acl_fused/backends/native.py.
 #include <Python.h>
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <vector>

@@ -2,6 +2,7 @@
 // Host-side declarations shared by the per-device kernel files: argument checks of the ops
 // defined in ops.cpp, and the device-agnostic acl_conv2d composite (acl_conv2d.cpp).
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 #include <array>
 #include <optional>
@@ -13,7 +14,7 @@ namespace acl_fused {
 // weight [num_plain, cg, kh, kw].
 struct SynthesisShape {
   int64_t c_out, cg, kh, kw, num_analytic, num_plain;
-  int64_t slices() const { return c_out * cg; }
+  C10_HOST_DEVICE int64_t slices() const { return c_out * cg; }
 };
 
 // Shapes, dtypes and devices of acl_fused::synthesize's arguments (TORCH_CHECK, PyTorch-style).

@@ -1,10 +1,12 @@
 // CPU kernels of acl_fused::synthesize / synthesize_backward: at::parallel_for over the
 // (o, c) slices of W, each slice done start to finish by one thread (no reduction across
 // threads). Also registers the acl_conv2d composite for CPU.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
