@@ -62,8 +62,6 @@ def check_synthesis_inputs(akp: Optional[torch.Tensor], weight: Optional[torch.T
         _check_float(weight, "weight")
         if weight.dim() != 4:
             raise ValueError(f"weight must have shape [P, C_in/groups, kH, kW], got {tuple(weight.shape)}")
-        if weight.shape[0] == 0 and akp is not None:
-            weight = None
     a_rows = 0 if akp is None else akp.shape[0]
     p_rows = 0 if weight is None else weight.shape[0]
     if a_rows != layout.num_analytic:
@@ -79,8 +77,12 @@ def check_synthesis_inputs(akp: Optional[torch.Tensor], weight: Optional[torch.T
             raise ValueError(f"akp and weight must be on the same device, got {akp.device} and {weight.device}")
     if weight is not None:
         ks = (weight.shape[2], weight.shape[3])
+        if min(ks) < 1:
+            raise ValueError(f"weight's kernel must be at least 1x1, got {ks}")
         if kernel_size is not None and pair(kernel_size, "kernel_size", 1) != ks:
             raise ValueError(f"kernel_size {kernel_size!r} disagrees with weight's kernel {ks}")
+        if weight.shape[0] == 0:  # an empty weight still says the kernel size; backends get None
+            weight = None
     else:
         if kernel_size is None:
             raise ValueError("kernel_size is required when there are no plain channels (weight is None)")
