@@ -171,8 +171,12 @@ def as_layout(family: Union[Layout, Sequence[FamilyLike], torch.Tensor]) -> Layo
     """Layout from a Layout (returned as is) or a family vector (validated; reads a device tensor
     back to the host once)."""
     if isinstance(family, Layout):
-        return family
-    codes = layout_codes(family)
-    if not codes:
+        layout = family
+    elif isinstance(family, (str, bytes)) or not isinstance(family, (Sequence, torch.Tensor)):
+        raise TypeError("family must be a Layout, a sequence of family names/codes or a 1-D integer tensor, "
+                        f"got {type(family).__name__}")
+    else:
+        layout = Layout(layout_codes(family))
+    if layout.out_channels == 0:
         raise ValueError("family must name at least one output channel")
-    return Layout(codes)
+    return layout
