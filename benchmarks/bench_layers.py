@@ -43,4 +43,6 @@ def test_layer(benchmark, case: LayerCase, pass_name: str, impl: Impl) -> None:
     benchmark.group = case.group(pass_name)
     benchmark.extra_info["impl"] = impl.label
     with case.mode.flags():
-        benchmark(synchronized(bench.pass_fn(impl, pass_name), case.device))
+        fn = synchronized(bench.pass_fn(impl, pass_name), case.device)
+        fn()   # warm-up: first-call caches and autotuning stay out of the statistics
+        benchmark(fn)

@@ -32,4 +32,6 @@ def test_synthesis(benchmark, device: torch.device, backend: str) -> None:
         pytest.skip(reason)
     benchmark.group = bench.label
     benchmark.extra_info["impl"] = backend
-    benchmark(synchronized(bench.fn(backend), device))
+    fn = synchronized(bench.fn(backend), device)
+    fn()   # warm-up
+    benchmark(fn)

@@ -288,6 +288,9 @@ def markdown(env: dict[str, str], layers: list[LayerRow], synthesis: list[Synthe
         if any(r.peak_mib is not None for r in ok):
             out += ["", "## Memory: peak MiB above the allocation before the call (CUDA)", "",
                     pivot(ok, case_key, case_names, lambda r: f"{r.peak_mib:.1f}")]
+        else:
+            out += ["", "Peak memory: n/a on this device (its allocator keeps no statistics); the saved-for-backward "
+                    "bytes above are the memory measure here."]
         out += ["", "## Forward error vs F.conv2d with the reference synthesis (max over cases)", "",
                 table(["dtype"] + list(dict.fromkeys(r.impl for r in ok)),
                       ([d] + [f"{max((r.rel_err for r in ok if r.dtype == d and r.impl == i), default=0):.1e}"
@@ -328,6 +331,7 @@ def plot(path: Path, rows: list[LayerRow], title: str) -> Optional[str]:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib is not installed: no plot"
     ok = [r for r in rows if r.status == "ok" and r.impl != CONV2D]
@@ -344,6 +348,9 @@ def plot(path: Path, rows: list[LayerRow], title: str) -> Optional[str]:
             ax.plot(*zip(*points), marker="o", linestyle="", label=impl)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.tick_params(axis="y", which="minor", labelsize=6)
         ax.set_title(f"{dtype} {pass_}")
         ax.set_ylabel("time / nn.Conv2d")
         ax.set_xticks(range(len(cases)))
