@@ -84,9 +84,28 @@ class AnalyticConv2d(nn.Module):
                                      self.padding, self.dilation, self.groups, self.kernel_size,
                                      backend=self.backend)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._layout = make_layout(self.family.tolist(), self.out_channels)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Adopt the saved layout when this module's parameters can hold it (same numbers of analytic
+        and plain channels, any arrangement); otherwise report why, keeping this module's layout."""
+        key = prefix + "family"
+        layout = self._layout
+        if key in state_dict:
+            try:
+                saved = make_layout(state_dict[key], self.out_channels)
+                if (saved.num_analytic, saved.num_plain) != (layout.num_analytic, layout.num_plain):
+                    raise ValueError(
+                        f"the saved layout ({describe_counts(saved.counts())}) has {saved.num_analytic} analytic "
+                        f"and {saved.num_plain} plain channels but this module's ({describe_counts(layout.counts())}) "
+                        f"has {layout.num_analytic} and {layout.num_plain}; build the module with "
+                        f"layout=state_dict[{key!r}] to load it")
+                layout = saved
+            except (TypeError, ValueError) as e:
+                error_msgs.append(f"{key}: {e}")
+                state_dict = {**state_dict, key: self.family}  # leave the buffer as it is
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._layout = layout
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
