@@ -1,0 +1,404 @@
+"""AnalyticConv2d as an nn.Conv2d drop-in (reference backend: these tests are about the module, not
+about a backend), its initialisation, its reports and the PyTorch machinery around modules."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acl_fused import AKP_COUNT, AnalyticConv2d, Family, Layout
+from acl_fused.families import ANALYTIC_FAMILIES, pos
+
+ALL_FAMILIES = [Family.TGD2, Family.PLAIN, Family.GABOR, Family.MEAN, Family.LOG, Family.PLAIN, Family.LOT,
+                Family.TGD1, Family.GABOR]
+
+
+def layer(*args, **kwargs) -> AnalyticConv2d:
+    kwargs.setdefault("backend", "reference")
+    return AnalyticConv2d(*args, **kwargs)
+
+
+def perturbed(m: AnalyticConv2d, seed: int = 0) -> AnalyticConv2d:
+    """Move AKPs off their initial values so every slot a family reads matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.akp.add_(0.1 * torch.randn(m.akp.shape, generator=gen, dtype=m.akp.dtype))
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# Drop-in semantics.
+
+MODULE_CASES = [
+    dict(c_in=4, c_out=9, k=3, layout=ALL_FAMILIES, conv=dict(padding=1)),
+    dict(c_in=6, c_out=9, k=(3, 2), layout=ALL_FAMILIES, conv=dict(groups=3, stride=2, padding=(1, 0))),
+    dict(c_in=4, c_out=8, k=3, layout=None, conv=dict(padding="same", dilation=2), bias=False),
+    dict(c_in=4, c_out=6, k=5, layout=[f for f in ANALYTIC_FAMILIES], conv=dict(padding="valid")),   # weight is None
+    dict(c_in=4, c_out=4, k=2, layout={"plain": 4}, conv=dict(stride=(1, 2), padding="valid")),        # akp is [0, 4, 6]
+    dict(c_in=4, c_out=4, k=3, layout={"gabor": 2, "lot": 2}, conv=dict(groups=4, padding=1)),        # depthwise
+]
+
+
+@pytest.mark.parametrize("case", MODULE_CASES, ids=lambda c: f"{c['c_in']}-{c['c_out']}-{c['conv']}")
+def test_forward_and_grads_match_conv2d_on_synthesized_weight(case):
+    torch.manual_seed(0)
+    m = perturbed(layer(case["c_in"], case["c_out"], case["k"], layout=case["layout"], bias=case.get("bias", True),
+                        dtype=torch.float64, **case["conv"]))
+    if case["layout"] is not None and all(Family(f) != Family.PLAIN for f in m.layout.codes):
+        assert m.weight is None
+    if m.layout.num_analytic == 0:
+        assert m.akp.shape == (0, case["c_in"] // m.groups, 6)
+    assert (m.bias is None) == (not case.get("bias", True))
+    x = torch.randn(2, case["c_in"], 9, 10, dtype=torch.float64)
+    y = m(x)
+    w = m.synthesize()
+    assert w.shape == (case["c_out"], case["c_in"] // m.groups, *m.kernel_size)
+    want = F.conv2d(x, w, m.bias, **case["conv"])
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    ref_conv = nn.Conv2d(case["c_in"], case["c_out"], case["k"], bias=case.get("bias", True), dtype=torch.float64,
+                         **case["conv"])
+    assert y.shape == ref_conv(x).shape
+    # gradients reach every parameter, and equal those through the synthesized weight
+    g = torch.randn_like(y)
+    params = [p for p in (m.akp, m.weight, m.bias) if p is not None and p.numel()]
+    got = torch.autograd.grad(y, params, g)
+    want = torch.autograd.grad(F.conv2d(x, m.synthesize(), m.bias, **case["conv"]), params, g)
+    for a, b in zip(got, want):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert sorted(n for n, _ in m.named_parameters()) == sorted(
+        n for n, p in (("akp", m.akp), ("weight", m.weight), ("bias", m.bias)) if p is not None)
+
+
+def test_backward_populates_grads():
+    m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    m(torch.randn(2, 3, 6, 6)).square().mean().backward()
+    for p in m.parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype
+    used = torch.tensor([[AKP_COUNT[Family(c)] for c in m.layout.codes if c]]).T  # [A, 1]
+    slots = torch.arange(6)
+    assert torch.all((m.akp.grad != 0) == (slots < used)[:, None, :])   # used slots only
+
+
+def test_conv2d_attributes():
+    m = layer(4, 8, (3, 5), stride=2, padding=(1, 2), dilation=(1, 2), groups=2, bias=False)
+    assert (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups) == (
+        4, 8, (3, 5), (2, 2), (1, 2), (1, 2), 2)
+    assert m.bias is None
+    assert m.family.dtype == torch.int64 and m.family.tolist() == list(m.layout.codes)
+    assert layer(2, 2, 3, padding="same").padding == "same"
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation.
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7, (3, 5)])
+def test_init_orientations_and_scales(kernel_size):
+    torch.manual_seed(1)
+    m = layer(8, 12, kernel_size, layout={f: 2 for f in ANALYTIC_FAMILIES})
+    k = max(m.kernel_size)
+    nat = m.natural_akps()
+    for name in ("GABOR", "TGD1", "TGD2"):
+        theta = nat[name]["theta"].flatten().double().sort().values
+        n = theta.numel()
+        # n orientations evenly spaced by pi/n inside [0, pi), shifted by one random offset
+        assert theta.min() >= 0 and theta.max() < math.pi
+        torch.testing.assert_close(theta.diff(), torch.full((n - 1,), math.pi / n, dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+        # and shuffled: not increasing along the channels
+        assert not torch.all(nat[name]["theta"].flatten().diff() > 0)
+
+    def within(v: torch.Tensor, centre: float) -> bool:   # +-25% jitter: U(0.8, 1.25) x centre
+        return bool(torch.all(v >= 0.8 * centre - 1e-5) and torch.all(v <= 1.25 * centre + 1e-5))
+
+    assert within(nat["GABOR"]["sigma"], k / 4)
+    assert within(nat["GABOR"]["lambda"], max(2.0, k / 2))
+    torch.testing.assert_close(nat["GABOR"]["gamma"], torch.ones(2, 8))
+    assert torch.all(nat["GABOR"]["psi"].abs() <= math.pi)
+    for name in ("LOG", "TGD1", "TGD2"):
+        assert within(nat[name]["sigma"], k / 6)
+    assert within(nat["LOT"]["rho"], k / 3)
+    # the jitter does jitter
+    assert nat["LOG"]["sigma"].std() > 0.01 * k / 6
+
+
+def test_init_second_moment_matches_conv2d():
+    """Every synthesized slice gets E[W^2] = 1 / (3 fan_in), the second moment of nn.Conv2d's
+    default kaiming_uniform_(a=sqrt(5)) weights. Amplitudes are z * std / rms(K) with z ~ N(0, 1),
+    so a slice's mean square is z^2 / (3 fan_in): the mean over n slices has relative standard
+    deviation sqrt(2 / n). With n = 96 * 32 = 3072 slices (512 per family) that is 2.6% (6.3%):
+    the bounds below are 5 standard deviations, so a seeded run that fails is a real bug (a wrong
+    fan_in or a missing rms would be off by a factor ~2 to 50)."""
+    torch.manual_seed(0)
+    c_in, c_out, k = 32, 96, 5
+    fan_in = c_in * k * k
+    m = layer(c_in, c_out, k, layout={f: 16 for f in ANALYTIC_FAMILIES})
+    w = m.synthesize().detach().double()
+    target = 1 / (3 * fan_in)
+    conv = nn.Conv2d(c_in, c_out, k).weight.detach().double()
+    assert conv.square().mean().item() == pytest.approx(target, rel=0.02)   # the target is nn.Conv2d's
+    assert w.square().mean().item() == pytest.approx(target, rel=5 * math.sqrt(2 / (c_out * c_in)))
+    for f, rows in m.layout.family_rows.items():
+        wf = w[[m.layout.analytic_channels[r] for r in rows]]
+        assert wf.square().mean().item() == pytest.approx(target, rel=5 * math.sqrt(2 / wf[:, :, 0, 0].numel())), f.name
+    # mixed layouts: plain rows and bias exactly as nn.Conv2d draws them
+    m = layer(c_in, c_out, k)
+    bound = 1 / math.sqrt(fan_in)
+    assert m.weight.abs().max() <= bound and m.bias.abs().max() <= bound
+    assert m.weight.square().mean().item() == pytest.approx(target, rel=0.05)
+
+
+def test_init_is_seeded_and_dtype_device_aware():
+    torch.manual_seed(3)
+    a = layer(4, 8, 3)
+    torch.manual_seed(3)
+    b = layer(4, 8, 3)
+    assert torch.equal(a.akp, b.akp) and torch.equal(a.weight, b.weight)
+    m = layer(4, 8, 3, dtype=torch.float64, device="meta")
+    assert m.akp.dtype == torch.float64 and m.akp.device.type == "meta" and m.family.device.type == "meta"
+
+
+def test_reset_parameters_redraws():
+    torch.manual_seed(4)
+    m = layer(4, 8, 3)
+    before = m.akp.detach().clone()
+    m.reset_parameters()
+    assert not torch.equal(before, m.akp)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the layer.
+
+def test_extra_repr_shows_layout():
+    m = layer(3, 8, 3, padding=1, layout={"plain": 2, "gabor": 3, "lot": 3})
+    assert repr(m) == ("AnalyticConv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), "
+                       "layout=[PLAIN=2, GABOR=3, LOT=3], backend='reference')")
+    m = AnalyticConv2d(4, 4, 2, padding="same", dilation=2, groups=2, bias=False)
+    assert repr(m) == ("AnalyticConv2d(4, 4, kernel_size=(2, 2), stride=(1, 1), padding='same', dilation=(2, 2), "
+                       "groups=2, bias=False, layout=[PLAIN=2, GABOR=1, LOG=1])")
+
+
+def test_natural_akps_units():
+    m = perturbed(layer(2, 9, 3, layout=ALL_FAMILIES))
+    nat = m.natural_akps()
+    assert set(nat) == {"GABOR", "LOG", "LOT", "TGD1", "TGD2", "MEAN"}
+    expected_keys = {"GABOR": ["a", "theta", "sigma", "gamma", "lambda", "psi"], "LOG": ["a", "sigma"],
+                     "LOT": ["a", "rho"], "TGD1": ["a", "theta", "sigma"], "TGD2": ["a", "theta", "sigma"],
+                     "MEAN": ["a"]}
+    akp = m.akp.detach()
+    for name, keys in expected_keys.items():
+        entry = nat[name]
+        assert list(entry) == ["channels"] + keys
+        channels = entry["channels"].tolist()
+        assert channels == [o for o, f in enumerate(ALL_FAMILIES) if f.name == name]
+        rows = [m.layout.row[o] for o in channels]
+        for i, key in enumerate(keys):
+            raw = akp[rows, :, i]
+            want = pos(raw) if key in ("sigma", "gamma", "lambda", "rho") else raw
+            assert entry[key].shape == (len(rows), 2)
+            torch.testing.assert_close(entry[key], want, rtol=0, atol=0)
+    assert not any(v.requires_grad for e in nat.values() for v in e.values())
+
+
+def test_parameter_report_readme_numbers():
+    r = layer(64, 64, 3).parameter_report()
+    assert (r.acl_total, r.conv_total) == (24448, 36928)
+    assert f"{100 * r.saving:.1f}" == "33.8"
+    assert r.conv_total == sum(p.numel() for p in nn.Conv2d(64, 64, 3).parameters())
+    assert "saving 33.8%" in str(r)
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_parameter_report_per_family(k):
+    cg = 4
+    m = layer(8, 14, k, groups=2, layout={"plain": 2, "gabor": 2, "log": 2, "lot": 2, "tgd1": 2, "tgd2": 2, "mean": 2})
+    r = m.parameter_report()
+    per_slice = {"PLAIN": k * k, "GABOR": 6, "LOG": 2, "LOT": 2, "TGD1": 3, "TGD2": 3, "MEAN": 1}
+    assert [row[0] for row in r.rows] == list(per_slice)
+    for name, n, acl, conv in r.rows:
+        assert (n, acl, conv) == (2, 2 * cg * per_slice[name], 2 * cg * k * k)
+    assert r.bias == 14
+    assert r.conv_total == sum(p.numel() for p in nn.Conv2d(8, 14, k, groups=2).parameters())
+    # the report counts the AKPs a family reads; the packed akp tensor also holds unused slots
+    unused = sum((6 - AKP_COUNT[Family(c)]) * cg for c in m.layout.codes if c)
+    assert r.acl_total == sum(p.numel() for p in m.parameters()) - unused
+    assert layer(8, 14, k, bias=False).parameter_report().bias == 0
+
+
+# --------------------------------------------------------------------------------------------
+# state_dict, copies, dtypes, memory formats.
+
+def test_state_dict_round_trip():
+    torch.manual_seed(5)
+    a = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    sd = a.state_dict()
+    assert set(sd) == {"akp", "weight", "bias", "family"}
+    assert sd["family"].tolist() == [int(f) for f in ALL_FAMILIES]
+    b = layer(3, 9, 3, layout=ALL_FAMILIES, padding=1)
+    b.load_state_dict(sd)
+    x = torch.randn(2, 3, 7, 7)
+    assert torch.equal(a(x), b(x))
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    c = layer(3, 9, 3, layout=ALL_FAMILIES, padding=1)
+    c.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(a(x), c(x))
+
+
+def test_load_adopts_a_rearranged_layout():
+    """Same numbers of analytic and plain channels, another arrangement: the parameters fit, and
+    loading restores the saved layout (the family buffer is part of the saved state)."""
+    torch.manual_seed(6)
+    saved = perturbed(layer(3, 6, 3, layout=["plain", "gabor", "log", "plain", "lot", "tgd1"]))
+    fresh = layer(3, 6, 3, layout=["tgd2", "plain", "mean", "mean", "plain", "gabor"])
+    fresh.load_state_dict(saved.state_dict())
+    assert fresh.layout == saved.layout
+    assert fresh.family.tolist() == list(saved.layout.codes)
+    x = torch.randn(1, 3, 6, 6)
+    assert torch.equal(fresh(x), saved(x))
+    assert "PLAIN=2, GABOR=1, LOG=1, LOT=1, TGD1=1" in repr(fresh)
+    fresh = layer(3, 6, 3, layout=["tgd2", "plain", "mean", "mean", "plain", "gabor"])
+    fresh.load_state_dict(saved.state_dict(), assign=True)
+    assert fresh.layout == saved.layout and torch.equal(fresh(x), saved(x))
+
+
+def test_load_refuses_a_layout_the_parameters_cannot_hold():
+    """Different numbers of analytic / plain channels: a clear error, and this module's layout and
+    family buffer are left as they were (not half-adopted)."""
+    saved = layer(3, 6, 3, layout=["plain", "gabor", "log", "plain", "lot", "tgd1"])
+    fresh = layer(3, 6, 3)   # default: 3 plain, 3 analytic
+    before = fresh.layout
+    with pytest.raises(RuntimeError, match=r"family: the saved layout \(PLAIN=2, GABOR=1, LOG=1, LOT=1, TGD1=1\) "
+                                           r"has 4 analytic and 2 plain channels but this module's .* has 3 and 3; "
+                                           r"build the module with layout=state_dict\['family'\]"):
+        fresh.load_state_dict(saved.state_dict())
+    assert fresh.layout == before and fresh.family.tolist() == list(before.codes)
+    # the advice works
+    sd = saved.state_dict()
+    rebuilt = layer(3, 6, 3, layout=sd["family"])
+    rebuilt.load_state_dict(sd)
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.equal(rebuilt(x), saved(x))
+
+
+@pytest.mark.parametrize("family, match", [
+    (torch.tensor([0, 1, 2, 0, 3, 9]), r"family: unknown ACL family code 9"),
+    (torch.tensor([0, 1, 2, 0, 3]), r"family: layout lists 5 channels but out_channels is 6"),
+])
+def test_load_rejects_an_invalid_family(family, match):
+    saved = layer(3, 6, 3, layout=["plain", "gabor", "log", "plain", "lot", "tgd1"])
+    fresh = layer(3, 6, 3, layout=["plain", "gabor", "log", "plain", "lot", "tgd1"])
+    sd = saved.state_dict()
+    sd["family"] = family
+    with pytest.raises(RuntimeError, match=match):
+        fresh.load_state_dict(sd)
+    assert fresh.family.tolist() == [0, 1, 2, 0, 3, 4]
+
+
+def test_load_nested_with_prefix():
+    net = nn.Sequential(layer(3, 4, 3, layout=["plain", "log", "lot", "plain"]), nn.ReLU())
+    other = nn.Sequential(layer(3, 4, 3, layout=["log", "plain", "plain", "lot"]), nn.ReLU())
+    other.load_state_dict(net.state_dict())
+    assert other[0].layout == net[0].layout
+
+
+def test_to_dtype_and_double():
+    torch.manual_seed(7)
+    m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    want = layer(3, 9, 3, layout=ALL_FAMILIES, padding=1, dtype=torch.float64)
+    want.load_state_dict(m.state_dict())
+    for converted in (copy.deepcopy(m).double(), copy.deepcopy(m).to(torch.float64)):
+        assert converted.akp.dtype == converted.weight.dtype == converted.bias.dtype == torch.float64
+        assert converted.family.dtype == torch.int64   # integer buffer untouched
+        assert converted.layout == m.layout
+        torch.testing.assert_close(converted(x), want(x), rtol=0, atol=0)
+    assert m.float()(x.float()).dtype == torch.float32
+
+
+def test_channels_last_input():
+    torch.manual_seed(8)
+    m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, dtype=torch.float64))
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    xc = x.to(memory_format=torch.channels_last).requires_grad_()
+    y = m(xc)
+    torch.testing.assert_close(y, m(x), rtol=1e-12, atol=1e-14)
+    want = F.conv2d(xc, m.synthesize(), m.bias, padding=1)
+    assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+    assert y.stride() == want.stride()
+    y.sum().backward()
+    assert xc.grad.shape == x.shape
+
+
+def test_deepcopy_and_pickle():
+    torch.manual_seed(9)
+    m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    x = torch.randn(1, 3, 5, 5)
+    m(x)   # populate the layout's device cache first: copies must carry or rebuild it
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert other.layout == m.layout and other.akp is not m.akp
+        assert torch.equal(other(x), m(x))
+        other.akp.data.add_(1.0)
+        assert not torch.equal(other.akp, m.akp)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), m(x))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile and DDP.
+
+def test_torch_compile_matches_eager():
+    """fullgraph=True: tracing the module (validation, dispatch, reference synthesis) must not
+    break the graph. aot_eager runs the traced forward and backward graphs without Inductor's C++
+    compile (minutes on this machine); the graphs are what Inductor would compile."""
+    torch._dynamo.reset()
+    torch.manual_seed(10)
+    m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    y_c = compiled(x)
+    grads_c = torch.autograd.grad(y_c.square().sum(), [x, m.akp, m.weight, m.bias])
+    y = m(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, m.akp, m.weight, m.bias])
+    torch.testing.assert_close(y_c, y, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_ddp_single_process_matches_plain_training(tmp_path):
+    """DistributedDataParallel (gloo, world size 1, file store): one SGD step gives the same
+    gradients and parameters as the bare module."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(11)
+    bare = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    wrapped_module = copy.deepcopy(bare)
+    x, target = torch.randn(4, 3, 6, 6), torch.randn(4, 9, 6, 6)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(wrapped_module)
+        results = []
+        for model, params in ((bare, list(bare.parameters())), (ddp, list(wrapped_module.parameters()))):
+            opt = torch.optim.SGD(params, lr=0.1)
+            F.mse_loss(model(x), target).backward()
+            results.append([p.grad.clone() for p in params])
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(bare.parameters(), wrapped_module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert wrapped_module.layout == bare.layout
