@@ -132,8 +132,8 @@ def _conv_forward_kernel(
         s_xn, s_xc, s_xh, s_xw, s_ar, s_ac, s_as, s_wo, s_wc, s_wh, s_ww, s_yn, s_yc, s_yh, s_yw,
         SH, SW, PT, PL, DH, DW,
         KH: tl.constexpr, KW: tl.constexpr, HAS_PLAIN: tl.constexpr, HAS_ANALYTIC: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SYNTH: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        HAS_BIAS: tl.constexpr, SYNTH: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(2)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
@@ -160,7 +160,7 @@ def _conv_forward_kernel(
         wt = _weight_tile(code[None, :], row[None, :], c[:, None], i[:, None], j[:, None],
                           k_ok[:, None] & o_ok[None, :], akp_ptr, s_ar, s_ac, s_as, weight_ptr, s_wo, s_wc, s_wh, s_ww,
                           KH, KW, HAS_PLAIN, HAS_ANALYTIC, SYNTH, xt.dtype)
-        acc += tl.dot(xt, wt, input_precision=PRECISION)
+        acc += tl.dot(xt.to(DOT), wt.to(DOT), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
     y_offs = ((m // WO // HO).to(tl.int64) * s_yn + oh.to(tl.int64) * s_yh + ow.to(tl.int64) * s_yw)[:, None] \
@@ -180,7 +180,7 @@ def _conv_grad_input_kernel(
         s_dn, s_dc, s_dh, s_dw, s_ar, s_ac, s_as, s_wo, s_wc, s_wh, s_ww, s_xn, s_xc, s_xh, s_xw,
         SH, SW, PT, PL, DH, DW,
         KH: tl.constexpr, KW: tl.constexpr, HAS_PLAIN: tl.constexpr, HAS_ANALYTIC: tl.constexpr,
-        SYNTH: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        SYNTH: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # A strided convolution leaves most (pixel, tap) pairs without a source output pixel: they are
     # masked, so grad_x does ~stride_h*stride_w times the useful dot work (no phase split).
@@ -212,7 +212,7 @@ def _conv_grad_input_kernel(
         wt = _weight_tile(code[:, None], row[:, None], c[None, :], i[:, None], j[:, None],
                           k_ok[:, None] & c_ok[None, :], akp_ptr, s_ar, s_ac, s_as, weight_ptr, s_wo, s_wc, s_wh, s_ww,
                           KH, KW, HAS_PLAIN, HAS_ANALYTIC, SYNTH, dyt.dtype)
-        acc += tl.dot(dyt, wt, input_precision=PRECISION)
+        acc += tl.dot(dyt.to(DOT), wt.to(DOT), input_precision=PRECISION)
     dx_offs = (n * s_xn + h_in.to(tl.int64) * s_xh + w_in.to(tl.int64) * s_xw)[:, None] \
         + (g * CG + c).to(tl.int64)[None, :] * s_xc
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
@@ -229,7 +229,7 @@ def _conv_grad_params_kernel(
         s_dn, s_dc, s_dh, s_dw, s_xn, s_xc, s_xh, s_xw, s_ar, s_ac, s_as, s_gas, s_gws,
         SH, SW, PT, PL, DH, DW,
         KH: tl.constexpr, KW: tl.constexpr, WANT_PLAIN: tl.constexpr, WANT_ANALYTIC: tl.constexpr,
-        SYNTH: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        SYNTH: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Writes this split's partials: gakp[split, row, c, slot] (analytic rows, all six slots) and
     gweight[split, row, c, i, j] (plain rows); both contiguous but for the split strides."""
@@ -277,7 +277,7 @@ def _conv_grad_params_kernel(
             pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_pix = n * s_xn + ih.to(tl.int64) * s_xh + iw.to(tl.int64) * s_xw
             xt = tl.load(x_ptr + x_pix[:, None] + x_c[None, :], mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-            dw += tl.dot(dyt, xt, input_precision=PRECISION)
+            dw += tl.dot(dyt.to(DOT), xt.to(DOT), input_precision=PRECISION)
         if WANT_PLAIN:
             gw_offs = ((row.to(tl.int64)[:, None] * CG + c[None, :]) * KH + i) * KW + j
             tl.store(gweight_split + gw_offs, dw.to(gweight_ptr.dtype.element_ty), mask=plain)
@@ -316,6 +316,13 @@ def _tf32_allowed() -> bool:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and not INTERPRETED and _tf32_allowed() else "ieee"
+
+
+def _dot_dtype(x_dtype: torch.dtype):
+    """tl.dot operand type: x's dtype. Triton's interpreter (3.9) multiplies bfloat16 operands as
+    their raw uint16 bits, so there they go in as float32: exact (a product of two bfloat16
+    values fits in float32), like the GPU's bfloat16 dot with float32 accumulation."""
+    return tl.float32 if INTERPRETED and x_dtype == torch.bfloat16 else _TORCH_TO_TL[x_dtype]
 
 
 def _synth_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -386,7 +393,7 @@ def _forward(x: torch.Tensor, ops: _Operands, bias: Optional[torch.Tensor], out_
         m, ops.cg, ops.cog, h, w, ho, wo,
         *x.stride(), *ops.akp_strides, *ops.weight_strides, *y.stride(), *ops.geometry,
         KH=ops.kh, KW=ops.kw, HAS_PLAIN=ops.has_plain, HAS_ANALYTIC=ops.has_analytic, HAS_BIAS=bias is not None,
-        SYNTH=ops.synth, ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype))
+        SYNTH=ops.synth, DOT=_dot_dtype(x.dtype), ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype))
     return y
 
 
@@ -403,7 +410,7 @@ def _grad_input(grad_y: torch.Tensor, x: torch.Tensor, ops: _Operands) -> torch.
         m, ops.cg, ops.cog, h, w, ho, wo,
         *grad_y.stride(), *ops.akp_strides, *ops.weight_strides, *dx.stride(), *ops.geometry,
         KH=ops.kh, KW=ops.kw, HAS_PLAIN=ops.has_plain, HAS_ANALYTIC=ops.has_analytic,
-        SYNTH=ops.synth, ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype))
+        SYNTH=ops.synth, DOT=_dot_dtype(x.dtype), ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype))
     return dx
 
 
@@ -433,7 +440,7 @@ def _grad_params(grad_y: torch.Tensor, x: torch.Tensor, akp: torch.Tensor, weigh
             some.stride(0) if ga is None else ga.stride(0), some.stride(0) if gw is None else gw.stride(0),
             *ops.geometry,
             KH=ops.kh, KW=ops.kw, WANT_PLAIN=want_plain, WANT_ANALYTIC=want_analytic,
-            SYNTH=ops.synth, ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype),
+            SYNTH=ops.synth, DOT=_dot_dtype(x.dtype), ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype),
             BLOCK_O=tile, BLOCK_C=tile)
     # fixed-order sum of the per-split partials: deterministic
     grad_akp = None
