@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .conv_args import ConvArgs, IntOrPair, PaddingArg
 from .families import Family, FamilyLike, pos
 from .layout import Layout, as_layout
-from .validation import check_conv_inputs, check_synthesis_inputs
+from .validation import autocast_enabled, check_conv_inputs, check_synthesis_inputs
 
 
 def grid(kernel_size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +117,9 @@ def acl_conv2d(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[to
 def conv2d_layout(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
                   bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
     """:func:`acl_conv2d` on validated inputs."""
-    with torch.autocast(x.device.type, enabled=False):
+    if autocast_enabled(x.device):
+        with torch.autocast(x.device.type, enabled=False):
+            w = synthesize_layout(akp, weight, layout, kernel_size)
+    else:
         w = synthesize_layout(akp, weight, layout, kernel_size)
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -36,6 +36,12 @@ class Problem:
     requires_grad: bool = False
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (False for device types autocast does not know, such as
+    meta, where asking would raise)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def _check_float(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -115,7 +121,7 @@ def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch
             raise ValueError(f"bias must be on the parameters' device {akp.device}, got {bias.device}")
         if bias.dtype != akp.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from the parameters' dtype {akp.dtype}")
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_enabled(x.device)
     if not autocast and x.dtype != akp.dtype:
         raise TypeError(f"input dtype {x.dtype} differs from the parameters' dtype {akp.dtype} "
                         "(use the same dtype, or autocast)")
