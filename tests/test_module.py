@@ -337,6 +337,14 @@ def test_channels_last_input():
     assert xc.grad.shape == x.shape
 
 
+def test_meta_device_forward():
+    """Shape inference on the meta device, as nn.Conv2d allows (autocast does not know 'meta', so
+    asking whether it is on must not raise)."""
+    m = layer(4, 9, 3, layout=ALL_FAMILIES, stride=2, padding=1, device="meta")
+    y = m(torch.empty(2, 4, 9, 8, device="meta"))
+    assert y.device.type == "meta" and y.shape == nn.Conv2d(4, 9, 3, stride=2, padding=1)(torch.empty(2, 4, 9, 8)).shape
+
+
 def test_deepcopy_and_pickle():
     torch.manual_seed(9)
     m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
