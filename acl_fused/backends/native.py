@@ -123,7 +123,7 @@ def _fake_acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride,
 def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kernel_size, stride, padding,
                               dilation, groups, output_mask):
     want_input, want_akp, want_weight, want_bias = output_mask
-    grad_input = grad_bias = input.new_empty((0,))
+    grad_input, grad_bias = input.new_empty((0,)), input.new_empty((0,))
     if want_input or want_bias:
         w = input.new_empty((family.shape[0], akp.shape[1], *kernel_size))
         x, symmetric, (top, left) = _pad_input(input, padding)

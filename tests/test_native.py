@@ -1,0 +1,387 @@
+"""The native backend (csrc/, acl_fused/backends/native.py) at kernel level.
+
+tests/test_backends.py runs the public API against every backend; this file checks what is
+specific to the C++ / CUDA ops: each op against the reference in float64 for every family, odd /
+even / non-square kernels and mosaics mixing all seven families; half / bfloat16 computed in
+float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
+what the autograd formulas save; double backward refused; the why-not reasons (extension
+missing, built without CUDA, dtype); torch.compile; and, on a GPU, CUDA against CPU.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from acl_fused import AnalyticConv2d, BackendUnavailable, Family, dispatch, reference
+from acl_fused.backends import native
+from acl_fused.conv_args import ConvArgs
+from acl_fused.families import AKP_COUNT
+from acl_fused.layout import Layout
+from acl_fused.validation import Problem, make_problem
+from conftest import skip_or_fail_unavailable
+
+F_ = Family
+#: All seven families, interleaved, two of some (rows of one family are not contiguous).
+MOSAIC = [F_.LOT, F_.PLAIN, F_.TGD2, F_.GABOR, F_.MEAN, F_.PLAIN, F_.LOG, F_.TGD1, F_.GABOR, F_.TGD2, F_.PLAIN]
+#: Odd, even and non-square kernels; 1, 2, 4, 8, 16 and 32 CUDA lanes per slice.
+KERNEL_SIZES = [(1, 1), (1, 2), (2, 2), (3, 3), (4, 4), (3, 5), (5, 2), (7, 7), (8, 6)]
+ANALYTIC = [f for f in Family if f != F_.PLAIN]
+LOW = [torch.float16, torch.bfloat16]
+ops = torch.ops.acl_fused
+
+
+@pytest.fixture
+def extension():
+    """Skips (or fails, where CI requires the backend) when acl_fused._C is not built."""
+    if native.EXTENSION_ERROR is not None:
+        skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return (out - ref).norm().item() / max(ref.norm().item(), 1e-300)
+
+
+def make_inputs(codes, cg: int, kernel_size, dtype=torch.float64, device="cpu", seed: int = 0):
+    """(akp [A, cg, 6], weight [P, cg, kH, kW] or None, layout) with generic AKPs: the module's
+    initialisation plus noise, so every slice has its own orientation and scales."""
+    torch.manual_seed(seed)
+    m = AnalyticConv2d(cg, len(codes), kernel_size, layout=list(codes), dtype=torch.float64)
+    akp = m.akp.detach() + 0.3 * torch.randn_like(m.akp)
+    weight = None if m.weight is None else m.weight.detach()
+    return (akp.to(device, dtype), None if weight is None else weight.to(device, dtype), m.layout)
+
+
+def layout_args(layout: Layout, device="cpu"):
+    t = layout.tensors(device)
+    return t["family_i32"], t["row_i32"]
+
+
+def reference_grads(akp, weight, layout, kernel_size, grad_w):
+    """(W, grad_akp, grad_weight) of the float64 oracle for the output gradient grad_w."""
+    leaves = [akp.double().requires_grad_()] + ([] if weight is None else [weight.double().requires_grad_()])
+    w = reference.synthesize_layout(leaves[0], leaves[1] if weight is not None else None, layout, kernel_size)
+    grads = torch.autograd.grad(w, leaves, grad_w.double(), allow_unused=True, materialize_grads=True)
+    return w.detach(), grads[0], (grads[1] if weight is not None else None)
+
+
+def used_slots(layout: Layout) -> torch.Tensor:
+    """[A, 1, 6] bool: the AKP slots each analytic row's family reads."""
+    used = torch.zeros(layout.num_analytic, 1, 6, dtype=torch.bool)
+    for r, o in enumerate(layout.analytic_channels):
+        used[r, :, : AKP_COUNT[Family(layout.codes[o])]] = True
+    return used
+
+
+# -- kernels vs the float64 reference ----------------------------------------------------------
+@pytest.mark.parametrize("kernel_size", KERNEL_SIZES, ids=str)
+@pytest.mark.parametrize("codes", [[f, F_.PLAIN, f] for f in ANALYTIC] + [MOSAIC],
+                         ids=[f.name for f in ANALYTIC] + ["mosaic"])
+def test_synthesis_kernels_match_reference_float64(extension, codes, kernel_size):
+    akp, weight, layout = make_inputs(codes, 3, kernel_size)
+    family, row = layout_args(layout)
+    w = ops.synthesize(akp, weight, family, row, list(kernel_size))
+    torch.manual_seed(1)
+    grad_w = torch.randn(w.shape, dtype=torch.float64)
+    w_ref, grad_akp_ref, grad_weight_ref = reference_grads(akp, weight, layout, kernel_size, grad_w)
+    assert w.dtype == torch.float64 and w.shape == w_ref.shape
+    assert rel_err(w, w_ref) <= 1e-13
+    grad_akp, grad_weight = ops.synthesize_backward(grad_w, akp, family, row, [True, True])
+    assert grad_akp.shape == akp.shape and rel_err(grad_akp, grad_akp_ref) <= 1e-12
+    # Per slot too, so a wrong small derivative cannot hide behind a large one.
+    for k in range(6):
+        assert rel_err(grad_akp[..., k], grad_akp_ref[..., k]) <= 1e-11, f"slot {k}"
+    assert torch.all(grad_akp[~used_slots(layout).expand_as(grad_akp)] == 0)
+    assert torch.equal(grad_weight, grad_w[list(layout.plain_channels)])
+
+
+def test_lot_kink_takes_the_active_branch(extension):
+    """SPEC §4: at r = ρ exactly the max(0, .) branch is inactive (zero derivative), as relu's."""
+    akp = torch.zeros(1, 1, 6, dtype=torch.float64)
+    akp[0, 0, 0] = 1.0
+    akp[0, 0, 1] = torch.log(torch.tensor(1.0 - 1e-3, dtype=torch.float64))  # ρ = 1: grid points at r = 1
+    layout = Layout([F_.LOT])
+    family, row = layout_args(layout)
+    grad_w = torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    grad_akp, _ = ops.synthesize_backward(grad_w, akp, family, row, [True, False])
+    _, grad_ref, _ = reference_grads(akp, None, layout, (3, 3), grad_w)
+    assert torch.allclose(grad_akp, grad_ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (4, 5)], ids=str)
+def test_float32_kernels_within_spec_tolerance(extension, kernel_size):
+    akp, weight, layout = make_inputs(MOSAIC, 4, kernel_size)
+    family, row = layout_args(layout)
+    torch.manual_seed(2)
+    grad_w = torch.randn(len(MOSAIC), 4, *kernel_size, dtype=torch.float64)
+    w_ref, grad_akp_ref, grad_weight_ref = reference_grads(akp, weight, layout, kernel_size, grad_w)
+    w = ops.synthesize(akp.float(), weight.float(), family, row, list(kernel_size))
+    grad_akp, grad_weight = ops.synthesize_backward(grad_w.float(), akp.float(), family, row, [True, True])
+    assert w.dtype == grad_akp.dtype == grad_weight.dtype == torch.float32
+    assert rel_err(w, w_ref) <= 1e-5
+    assert rel_err(grad_akp, grad_akp_ref) <= 1e-5
+    assert rel_err(grad_weight, grad_weight_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("low", LOW, ids=str)
+def test_low_precision_computed_in_float32_rounded_once(extension, low):
+    """half / bfloat16 run the float32 code on the upcast values, then round once: bitwise the
+    float32 kernel's result rounded."""
+    akp, weight, layout = make_inputs(MOSAIC, 3, (5, 4), dtype=low)
+    family, row = layout_args(layout)
+    w = ops.synthesize(akp, weight, family, row, [5, 4])
+    assert w.dtype == low
+    assert torch.equal(w, ops.synthesize(akp.float(), weight.float(), family, row, [5, 4]).to(low))
+    grad_w = torch.randn(w.shape).to(low)
+    grads = ops.synthesize_backward(grad_w, akp, family, row, [True, True])
+    grads32 = ops.synthesize_backward(grad_w.float(), akp.float(), family, row, [True, True])
+    for g, g32 in zip(grads, grads32):
+        assert g.dtype == low and torch.equal(g, g32.to(low))
+
+
+def test_output_mask_skips_outputs(extension):
+    akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
+    family, row = layout_args(layout)
+    grad_w = torch.randn(len(MOSAIC), 2, 3, 3, dtype=torch.float64)
+    full_akp, full_weight = ops.synthesize_backward(grad_w, akp, family, row, [True, True])
+    only_akp = ops.synthesize_backward(grad_w, akp, family, row, [True, False])
+    only_weight = ops.synthesize_backward(grad_w, akp, family, row, [False, True])
+    assert torch.equal(only_akp[0], full_akp) and only_akp[1].shape == (0,)
+    assert only_weight[0].shape == (0,) and torch.equal(only_weight[1], full_weight)
+
+
+@pytest.mark.parametrize("codes", [[F_.GABOR, F_.MEAN, F_.LOT], [F_.PLAIN, F_.PLAIN]], ids=["no-plain", "no-analytic"])
+def test_all_analytic_and_all_plain(extension, codes):
+    akp, weight, layout = make_inputs(codes, 2, (3, 2))
+    family, row = layout_args(layout)
+    w = ops.synthesize(akp, weight, family, row, [3, 2])
+    assert torch.allclose(w, reference.synthesize_layout(akp, weight, layout, (3, 2)), rtol=1e-13, atol=1e-15)
+    grad_w = torch.randn_like(w)
+    grad_akp, grad_weight = ops.synthesize_backward(grad_w, akp, family, row, [True, True])
+    assert grad_akp.shape == akp.shape
+    assert grad_weight.shape == (layout.num_plain, 2, 3, 2)
+
+
+# -- argument checks -----------------------------------------------------------------------------
+def test_bad_arguments_raise_clear_errors(extension):
+    akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
+    family, row = layout_args(layout)
+    with pytest.raises(RuntimeError, match="akp must have shape"):
+        ops.synthesize(akp[..., :5], weight, family, row, [3, 3])
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        ops.synthesize(akp, weight, family, row, [3, 2])
+    with pytest.raises(RuntimeError, match="family must be a 1-D int32"):
+        ops.synthesize(akp, weight, family.long(), row, [3, 3])
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.synthesize(akp, weight.float(), family, row, [3, 3])
+    bad_code = family.clone()
+    bad_code[0] = 7
+    with pytest.raises(RuntimeError, match=r"family\[0\] = 7 is not a family code"):
+        ops.synthesize(akp, weight, bad_code, row, [3, 3])
+    repeated = row.clone()
+    repeated[layout.analytic_channels[1]] = row[layout.analytic_channels[0]]
+    with pytest.raises(RuntimeError, match="out of range or used twice"):
+        ops.synthesize_backward(torch.zeros(len(MOSAIC), 2, 3, 3, dtype=torch.float64), akp, family, repeated,
+                                [True, True])
+
+
+# -- opcheck: schema, fake kernels, autograd registration, AOT dispatch ---------------------------
+def opcheck_samples():
+    """(id, codes, dtype, kernel_size, conv args, input shape, channels_last, bias)."""
+    return [
+        ("mosaic-f64-same-even", MOSAIC, torch.float64, (2, 4), dict(padding="same", groups=1), (2, 3, 6, 7), False,
+         True),
+        ("mosaic-f32-cl-groups", MOSAIC[:10], torch.float32, (3, 3), dict(padding=1, stride=2, groups=2),
+         (1, 4, 7, 6), True, True),
+        ("bf16-dilated", MOSAIC, torch.bfloat16, (3, 2), dict(padding=(2, 1), dilation=2), (2, 2, 8, 5), False,
+         False),
+        ("no-plain", [F_.TGD1, F_.GABOR, F_.LOG], torch.float64, (3, 3), dict(padding="valid"), (1, 2, 5, 5),
+         False, True),
+        ("no-analytic", [F_.PLAIN] * 3, torch.float32, (1, 3), {}, (2, 2, 4, 4), False, True),
+        ("batch0", MOSAIC, torch.float64, (3, 3), dict(padding=1), (0, 2, 5, 5), False, True),
+    ]
+
+
+@pytest.mark.parametrize("sample", opcheck_samples(), ids=lambda s: s[0])
+def test_opcheck_every_op(extension, sample):
+    _, codes, dtype, kernel_size, conv_kw, x_shape, channels_last, with_bias = sample
+    conv = ConvArgs.make(**conv_kw)
+    cg = x_shape[1] // conv.groups
+    akp, weight, layout = make_inputs(codes, cg, kernel_size, dtype=dtype)
+    family, row = layout_args(layout)
+    x = torch.randn(x_shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(len(codes), dtype=dtype) if with_bias else None
+    conv_args = [list(kernel_size), list(conv.stride), list(conv.explicit_padding(kernel_size)),
+                 list(conv.dilation), conv.groups]
+    grad = [t.requires_grad_() for t in (x, akp, weight, bias) if t is not None]
+    torch.library.opcheck(ops.synthesize.default, (akp, weight, family, row, list(kernel_size)))
+    torch.library.opcheck(ops.acl_conv2d.default, (x, akp, weight, family, row, bias, *conv_args))
+    for t in grad:
+        t.requires_grad_(False)
+    grad_w = torch.randn(len(codes), cg, *kernel_size, dtype=dtype)
+    for mask in ([True, True], [False, True]):
+        torch.library.opcheck(ops.synthesize_backward.default, (grad_w, akp, family, row, mask))
+    y = ops.acl_conv2d(x, akp, weight, family, row, bias, *conv_args)
+    for mask in ([True, True, weight is not None, with_bias], [False, True, False, False]):
+        torch.library.opcheck(ops.acl_conv2d_backward.default,
+                              (torch.randn_like(y), x, akp, weight, family, row, *conv_args, mask))
+
+
+# -- autograd -------------------------------------------------------------------------------------
+def test_backward_saves_inputs_only_and_recomputes_w(extension):
+    """SPEC §7: nothing but the inputs is stored for the backward (W is recomputed)."""
+    akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    akp.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = native.conv2d(x, akp, weight, layout, None, ConvArgs.make(padding=1), (3, 3))
+        w = native.synthesize(akp, weight, layout, (3, 3))
+    family, row = layout_args(layout)
+    inputs = {t.data_ptr() for t in (x, akp, weight, family, row)}
+    assert saved and all(t.data_ptr() in inputs for t in saved)
+    assert not any(t.shape == w.shape for t in saved)
+    y.sum().backward()
+    assert x.grad is not None and akp.grad is not None
+
+
+def test_double_backward_refused_with_clear_error(extension):
+    akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
+    akp.requires_grad_()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    for out in (native.synthesize(akp, weight, layout, (3, 3)),
+                native.conv2d(x, akp, weight, layout, None, ConvArgs.make(), (3, 3))):
+        (g,) = torch.autograd.grad(out.square().sum(), akp, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+            torch.autograd.grad(g.sum(), akp)
+
+
+# -- why_not reasons ----------------------------------------------------------------------------
+def test_missing_extension_reason_says_how_to_build(monkeypatch):
+    def no_extension(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", no_extension)
+    reason = native._load_extension()
+    assert "acl_fused._C" in reason and "pip install --no-build-isolation -e ." in reason
+    assert "ACL_FUSED_NO_EXT" in reason
+    monkeypatch.undo()
+
+    monkeypatch.setattr(native, "EXTENSION_ERROR", reason)
+    akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
+    problem = make_problem(akp, layout, (3, 3))
+    assert native.why_not(problem) == reason
+    assert dispatch.select("auto", problem).__name__ == "acl_fused.backends.reference"
+    with pytest.raises(BackendUnavailable, match="pip install"):
+        dispatch.select("native", problem)
+    with pytest.raises(RuntimeError, match="not available"):
+        native.synthesize(akp, weight, layout, (3, 3))
+
+
+def test_why_not_device_and_dtype_reasons(extension, monkeypatch):
+    layout = Layout(MOSAIC)
+    cpu = Problem(device=torch.device("cpu"), dtype=torch.float32, kernel_size=(3, 3), layout=layout)
+    assert native.why_not(cpu) is None
+    assert "unsupported parameter dtype" in native.why_not(
+        Problem(device=torch.device("cpu"), dtype=torch.int32, kernel_size=(3, 3), layout=layout))
+    assert "CPU and CUDA only" in native.why_not(
+        Problem(device=torch.device("meta"), dtype=torch.float32, kernel_size=(3, 3), layout=layout))
+    monkeypatch.setattr(native, "has_cuda_kernels", lambda: False)
+    reason = native.why_not(Problem(device=torch.device("cuda"), dtype=torch.float32, kernel_size=(3, 3),
+                                    layout=layout))
+    assert "without its CUDA kernels" in reason and "ACL_FUSED_CUDA=1" in reason
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+def test_ops_compile_fullgraph_forward_and_backward(extension):
+    akp, weight, layout = make_inputs(MOSAIC + [F_.MEAN], 2, (3, 4), dtype=torch.float32)
+    family, row = layout_args(layout)
+    x = torch.randn(2, 4, 7, 6)
+    bias = torch.randn(len(MOSAIC) + 1)
+
+    def fn(x, akp, weight, bias):
+        w = ops.synthesize(akp, weight, family, row, [3, 4])
+        y = ops.acl_conv2d(x, akp, weight, family, row, bias, [3, 4], [1, 1], [1, 1, 1, 2], [1, 1], 2)
+        return y.square().sum() + w.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, akp, weight, bias)]
+        out = f(*leaves)
+        results.append((out, torch.autograd.grad(out, leaves)))
+    (out, grads), (out_c, grads_c) = results
+    assert torch.allclose(out_c, out, rtol=1e-6)
+    for g, g_c in zip(grads, grads_c):
+        assert torch.allclose(g_c, g, rtol=1e-5, atol=1e-6)
+
+
+def test_module_compiles_without_graph_breaks(extension):
+    torch.manual_seed(0)
+    m = AnalyticConv2d(4, 12, 3, padding="same", groups=2, layout=MOSAIC + [F_.MEAN], backend="native")
+    x = torch.randn(2, 4, 8, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True)
+    results = []
+    for f in (m, compiled):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = f(xi)
+        y.square().sum().backward()
+        results.append([y, xi.grad] + [p.grad.clone() for p in m.parameters()])
+    for eager, comp in zip(*results):
+        assert torch.allclose(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+# -- CUDA ---------------------------------------------------------------------------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def cuda_kernels(extension):
+    if not native.has_cuda_kernels():
+        skip_or_fail_unavailable("native", "acl_fused._C was built without its CUDA kernels")
+
+
+@cuda_only
+@pytest.mark.parametrize("kernel_size", KERNEL_SIZES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_kernels_match_cpu_kernels(cuda_kernels, dtype, kernel_size):
+    """Same code (families.h) on both devices: CUDA agrees with CPU to round-off in the compute
+    type, across 1 to 32 lanes per slice and a slice count that leaves partial warps."""
+    akp, weight, layout = make_inputs(MOSAIC * 3, 5, kernel_size, dtype=dtype)
+    grad_w = torch.randn(len(MOSAIC) * 3, 5, *kernel_size, dtype=torch.float64).to(dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    out = {}
+    for device in ("cpu", "cuda"):
+        family, row = layout_args(layout, device)
+        a, w, g = (t.to(device) for t in (akp, weight, grad_w))
+        stream = torch.cuda.Stream() if device == "cuda" else None
+        with torch.cuda.stream(stream):  # kernels must run on the current stream
+            result = (ops.synthesize(a, w, family, row, list(kernel_size)),
+                      *ops.synthesize_backward(g, a, family, row, [True, True]))
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+        out[device] = [t.cpu() for t in result]
+    for what, c, g in zip(("W", "grad_akp", "grad_weight"), out["cpu"], out["cuda"]):
+        assert g.dtype == dtype and rel_err(g, c) <= tol, what
+
+
+@cuda_only
+def test_cuda_conv_matches_reference(cuda_kernels):
+    akp, weight, layout = make_inputs(MOSAIC, 3, (4, 4), device="cuda")
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, device="cuda")
+    conv = ConvArgs.make(padding="same")
+    leaves = [t.clone().requires_grad_() for t in (x, akp, weight)]
+    y = native.conv2d(*leaves, layout, None, conv, (4, 4))
+    y_ref = reference.conv2d_layout(*leaves, layout, None, conv, (4, 4))
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    grads_ref = torch.autograd.grad(y_ref, leaves, g)
+    assert rel_err(y, y_ref) <= 1e-12
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(grads, grads_ref))
