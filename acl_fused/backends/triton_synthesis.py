@@ -1,0 +1,295 @@
+"""The "triton" backend: one-launch synthesis and AKP-gradient kernels around torch's convolution.
+
+Forward: ``_synthesize_kernel`` writes the whole mosaic W [C_out, Cg, kH, kW] (every family and
+the plain rows) in one launch, then the library convolution (cuDNN / oneDNN through
+library_conv) runs on it. Backward recomputes W (only x, akp and weight are saved, never W), gets
+(grad_x, dW, grad_bias) from the library convolution backward, and ``_akp_grad_kernel`` turns dW
+into d akp [A, Cg, 6] (the chain rule reduced over each kH*kW slice, exact zeros in unused slots)
+and d weight for the plain rows, in one launch, without atomics or per-family intermediates.
+
+Both kernels tile *slices*: slice s = o * Cg + c is the kH*kW kernel of output channel o, input
+channel c, laid out as one row of a [BLOCK_S, KK_PAD] tile (KK_PAD = next power of two >= kH*kW).
+The AKPs are loaded per slice as [BLOCK_S, 1] columns, so the positive maps and cos/sin(theta) are
+computed once per slice; the formulas live in triton_families.py.
+
+Precision: float64 and float32 parameters are synthesized in their own dtype; float16/bfloat16
+parameters are synthesized in float32 (the host passes a float32 copy of akp, [A, Cg, 6], tiny)
+and W is rounded once to their dtype. Under autocast x and bias are cast like nn.Conv2d does, W is
+synthesized in the parameters' dtype and cast for the convolution. TF32: the library convolution
+follows torch.backends.cudnn.allow_tf32 exactly as F.conv2d does; the kernels here never use
+tl.dot. No Python float reaches a kernel (every constant is built in-kernel in the compute dtype),
+so a caller or torch.compile passing float64 scalars cannot change the math.
+
+Triton's ``@triton.jit`` decides at decoration time whether it compiles or interprets
+(TRITON_INTERPRET=1), so the mode is read off the kernel object once, at import.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ..conv_args import ConvArgs
+from ..layout import Layout
+from ..validation import Problem
+from . import library_conv
+from .triton_families import PLAIN, akp_count, family_value, family_value_and_grads, grid_xy
+
+# Elements per program tile ([BLOCK_S, KK_PAD]). The gradient kernel keeps ~40 live values per
+# element (float64 on the GPU doubles that), hence the smaller tile. Not tuned on hardware.
+# The interpreter pays ~0.1-0.25 s per program whatever its size, so it gets one big tile.
+_SYNTH_TILE = 1024
+_GRAD_TILE = 512
+_INTERPRETER_TILE = 1 << 14
+
+
+@triton.jit
+def _load_slices(akp_ptr, family_ptr, row_ptr, n_slices, CG, BLOCK_S: tl.constexpr):
+    """For this program's BLOCK_S slices: (s, in range, input channel c, family code, row in
+    akp/weight, raw AKPs a, p1..p5 as [BLOCK_S, 1] columns in akp's dtype, 0 for plain rows)."""
+    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)  # akp rows are 6 wide
+    in_range = s < n_slices
+    o = s // CG
+    c = s - o * CG
+    code = tl.load(family_ptr + o, mask=in_range, other=0)
+    row = tl.load(row_ptr + o, mask=in_range, other=0).to(tl.int64)
+    analytic = in_range & (code != PLAIN)
+    p = akp_ptr + (row * CG + c) * 6
+    a = tl.load(p + 0, mask=analytic, other=0)[:, None]
+    p1 = tl.load(p + 1, mask=analytic, other=0)[:, None]
+    p2 = tl.load(p + 2, mask=analytic, other=0)[:, None]
+    p3 = tl.load(p + 3, mask=analytic, other=0)[:, None]
+    p4 = tl.load(p + 4, mask=analytic, other=0)[:, None]
+    p5 = tl.load(p + 5, mask=analytic, other=0)[:, None]
+    return s, in_range, c, code, row, a, p1, p2, p3, p4, p5
+
+
+@triton.jit
+def _synthesize_kernel(akp_ptr, weight_ptr, family_ptr, row_ptr, w_ptr, n_slices, CG,
+                       weight_s0, weight_s1, weight_s2, weight_s3,
+                       KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """W[o, c] (contiguous [C_out, Cg, KH, KW], in w_ptr's dtype) = weight[row(o), c] for plain
+    channels, K_family(akp[row(o), c]) otherwise; math in akp_ptr's dtype (float32/float64)."""
+    s, in_range, c, code, row, a, p1, p2, p3, p4, p5 = _load_slices(
+        akp_ptr, family_ptr, row_ptr, n_slices, CG, BLOCK_S)
+    dtype = akp_ptr.dtype.element_ty
+    kk = tl.arange(0, KK_PAD)
+    i = kk // KW
+    j = kk - i * KW
+    x, y = grid_xy(i, j, KH, KW, dtype)
+    inv_area = 1.0 / tl.full([], KH * KW, dtype)
+    code2 = code[:, None]
+    k = family_value(code2, a, p1, p2, p3, p4, p5, x[None, :], y[None, :], inv_area)
+    in_kernel = (kk < KH * KW)[None, :]
+    plain = (in_range & (code == PLAIN))[:, None] & in_kernel
+    w_plain = tl.load(weight_ptr + (row * weight_s0 + c * weight_s1)[:, None]
+                      + (i * weight_s2 + j * weight_s3)[None, :], mask=plain, other=0)
+    value = tl.where(code2 == PLAIN, w_plain.to(dtype), k)
+    tl.store(w_ptr + s[:, None] * (KH * KW) + kk[None, :], value.to(w_ptr.dtype.element_ty),
+             mask=in_range[:, None] & in_kernel)
+
+
+@triton.jit
+def _akp_grad_kernel(akp_ptr, family_ptr, row_ptr, dw_ptr, d_akp_ptr, d_weight_ptr, n_slices, CG,
+                     dw_s0, dw_s1, dw_s2, dw_s3,
+                     KH: tl.constexpr, KW: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                     STORE_AKP: tl.constexpr, STORE_WEIGHT: tl.constexpr):
+    """From dW (any strides, any float dtype): d akp[row(o), c, :] = sum_ij dW[o, c] * dK/d akp
+    (contiguous [A, Cg, 6], all six slots written, unused ones exactly 0) and d weight[row(o), c]
+    = dW[o, c] for plain channels (contiguous [P, Cg, KH, KW]). Each slice owns its outputs."""
+    s, in_range, c, code, row, a, p1, p2, p3, p4, p5 = _load_slices(
+        akp_ptr, family_ptr, row_ptr, n_slices, CG, BLOCK_S)
+    dtype = akp_ptr.dtype.element_ty
+    kk = tl.arange(0, KK_PAD)
+    i = kk // KW
+    j = kk - i * KW
+    in_kernel = (kk < KH * KW)[None, :]
+    o = s // CG
+    g = tl.load(dw_ptr + (o * dw_s0 + c * dw_s1)[:, None] + (i * dw_s2 + j * dw_s3)[None, :],
+                mask=in_range[:, None] & in_kernel, other=0).to(dtype)
+    if STORE_WEIGHT:
+        plain = in_range & (code == PLAIN)
+        tl.store(d_weight_ptr + (row * CG + c)[:, None] * (KH * KW) + kk[None, :],
+                 g.to(d_weight_ptr.dtype.element_ty), mask=plain[:, None] & in_kernel)
+    if STORE_AKP:
+        x, y = grid_xy(i, j, KH, KW, dtype)
+        inv_area = 1.0 / tl.full([], KH * KW, dtype)
+        code2 = code[:, None]
+        k, d_a, d_p1, d_p2, d_p3, d_p4, d_p5 = family_value_and_grads(
+            code2, a, p1, p2, p3, p4, p5, x[None, :], y[None, :], inv_area)
+        # padding columns hold g = 0 but a derivative that may overflow there: select, don't multiply
+        g_a = tl.sum(tl.where(in_kernel, g * d_a, 0), axis=1)
+        g_1 = tl.sum(tl.where(in_kernel, g * d_p1, 0), axis=1)
+        g_2 = tl.sum(tl.where(in_kernel, g * d_p2, 0), axis=1)
+        g_3 = tl.sum(tl.where(in_kernel, g * d_p3, 0), axis=1)
+        g_4 = tl.sum(tl.where(in_kernel, g * d_p4, 0), axis=1)
+        g_5 = tl.sum(tl.where(in_kernel, g * d_p5, 0), axis=1)
+        # unused slots: exactly 0 even where dW holds inf/NaN (autograd never reads them)
+        used = akp_count(code)
+        out_dtype = d_akp_ptr.dtype.element_ty
+        analytic = in_range & (code != PLAIN)
+        out = d_akp_ptr + (row * CG + c) * 6
+        tl.store(out + 0, g_a.to(out_dtype), mask=analytic)
+        tl.store(out + 1, tl.where(used > 1, g_1, 0).to(out_dtype), mask=analytic)
+        tl.store(out + 2, tl.where(used > 2, g_2, 0).to(out_dtype), mask=analytic)
+        tl.store(out + 3, tl.where(used > 3, g_3, 0).to(out_dtype), mask=analytic)
+        tl.store(out + 4, tl.where(used > 4, g_4, 0).to(out_dtype), mask=analytic)
+        tl.store(out + 5, tl.where(used > 5, g_5, 0).to(out_dtype), mask=analytic)
+
+
+#: True when the kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors).
+INTERPRETED = type(_synthesize_kernel).__name__ == "InterpretedFunction"
+
+
+def _launcher(fn):
+    """torch.compile captures a Triton launch as a kernel call only for compiled kernels on a GPU;
+    an interpreted kernel would be traced as Python (the interpreter itself), so keep it eager."""
+    return torch.compiler.disable(fn) if INTERPRETED else fn
+
+_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _compute_akp(akp: torch.Tensor) -> torch.Tensor:
+    """akp as the kernels read it: contiguous, float32 for half/bf16 (the compute dtype)."""
+    if akp.dtype in (torch.float16, torch.bfloat16):
+        return akp.float().contiguous()
+    return akp.contiguous()
+
+
+def _tiling(kernel_size: tuple[int, int], tile: int) -> tuple[int, int]:
+    """(KK_PAD, BLOCK_S) for a tile of about ``tile`` elements (``_INTERPRETER_TILE`` when
+    interpreted)."""
+    tile = _INTERPRETER_TILE if INTERPRETED else tile
+    kk_pad = triton.next_power_of_2(kernel_size[0] * kernel_size[1])
+    return kk_pad, max(1, tile // kk_pad)
+
+
+@_launcher
+def synthesize_weight(akp: torch.Tensor, weight: Optional[torch.Tensor], family_i32: torch.Tensor,
+                      row_i32: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """W [C_out, Cg, kH, kW] (contiguous, akp's dtype) in one launch; no autograd."""
+    kh, kw = kernel_size
+    c_out, cg = family_i32.shape[0], akp.shape[1]
+    w = torch.empty((c_out, cg, kh, kw), dtype=akp.dtype, device=akp.device)
+    n_slices = c_out * cg
+    if n_slices == 0:
+        return w
+    kk_pad, block_s = _tiling(kernel_size, _SYNTH_TILE)
+    # without plain rows the weight pointer is never read: any valid pointer will do
+    plain = w if weight is None else weight
+    _synthesize_kernel[(triton.cdiv(n_slices, block_s),)](
+        _compute_akp(akp), plain, family_i32, row_i32, w, n_slices, cg, *plain.stride(),
+        KH=kh, KW=kw, KK_PAD=kk_pad, BLOCK_S=block_s)
+    return w
+
+
+@_launcher
+def akp_and_weight_grads(grad_w: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor],
+                         family_i32: torch.Tensor, row_i32: torch.Tensor, kernel_size: tuple[int, int],
+                         need_akp: bool, need_weight: bool
+                         ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(d akp [A, Cg, 6], d weight [P, Cg, kH, kW]) in the parameters' dtype from dW
+    [C_out, Cg, kH, kW] (any strides and float dtype) in one launch; None where not needed."""
+    need_weight = need_weight and weight is not None
+    d_akp = torch.empty(akp.shape, dtype=akp.dtype, device=akp.device) if need_akp else None
+    d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
+    n_slices = family_i32.shape[0] * akp.shape[1]
+    if n_slices == 0 or not (need_akp or need_weight):
+        return d_akp, d_weight
+    kk_pad, block_s = _tiling(kernel_size, _GRAD_TILE)
+    _akp_grad_kernel[(triton.cdiv(n_slices, block_s),)](
+        _compute_akp(akp), family_i32, row_i32, grad_w, grad_w if d_akp is None else d_akp,
+        grad_w if d_weight is None else d_weight, n_slices, akp.shape[1], *grad_w.stride(),
+        KH=kernel_size[0], KW=kernel_size[1], KK_PAD=kk_pad, BLOCK_S=block_s,
+        STORE_AKP=need_akp, STORE_WEIGHT=need_weight)
+    return d_akp, d_weight
+
+
+class TritonSynthesize(torch.autograd.Function):
+    """W = synthesis(akp, weight); backward: one AKP-gradient launch. Saves akp, weight only."""
+
+    @staticmethod
+    def forward(ctx, akp: torch.Tensor, weight: Optional[torch.Tensor], family_i32: torch.Tensor,
+                row_i32: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(akp, weight, family_i32, row_i32)
+        ctx.kernel_size = kernel_size
+        return synthesize_weight(akp, weight, family_i32, row_i32, kernel_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_w: torch.Tensor):
+        akp, weight, family_i32, row_i32 = ctx.saved_tensors
+        d_akp, d_weight = akp_and_weight_grads(grad_w, akp, weight, family_i32, row_i32, ctx.kernel_size,
+                                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return d_akp, d_weight, None, None, None
+
+
+class TritonConv2d(torch.autograd.Function):
+    """y = conv2d(x, W, bias) with W synthesized in-kernel; backward recomputes W.
+
+    Saves x, akp and weight (and the layout's index tensors); never W.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], family_i32: torch.Tensor, row_i32: torch.Tensor,
+                conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
+        w = synthesize_weight(akp, weight, family_i32, row_i32, kernel_size)
+        ctx.save_for_backward(x, akp, weight, family_i32, row_i32)
+        ctx.conv, ctx.kernel_size = conv, kernel_size
+        return library_conv.conv_forward(x, w, bias, conv)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, akp, weight, family_i32, row_i32 = ctx.saved_tensors
+        need_x, need_akp, need_weight, need_bias = ctx.needs_input_grad[:4]
+        need_w = need_akp or need_weight
+        w = synthesize_weight(akp, weight, family_i32, row_i32, ctx.kernel_size)
+        grad_x, grad_w, grad_bias = library_conv.conv_backward(
+            grad_y, x, w, ctx.conv, ctx.kernel_size, (need_x, need_w, need_bias))
+        d_akp = d_weight = None
+        if need_w:
+            d_akp, d_weight = akp_and_weight_grads(grad_w, akp, weight, family_i32, row_i32, ctx.kernel_size,
+                                                   need_akp, need_weight)
+        return grad_x, d_akp, d_weight, grad_bias, None, None, None, None
+
+
+# ---------------------------------------------------------------- backend protocol (dispatch.py)
+
+def why_not(problem: Problem) -> Optional[str]:
+    """None when the Triton kernels can run ``problem``, else why not."""
+    if problem.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {problem.dtype} is not supported (float64, float32, float16, bfloat16)"
+    device = problem.device.type
+    if device == "cuda":
+        return None
+    if device == "cpu":
+        if INTERPRETED:
+            return None
+        return ("Triton kernels run on CPU tensors only through Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before importing acl_fused (triton.jit picks the mode when the kernels are defined)")
+    return f"device type {device!r} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
+
+
+def synthesize(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
+               kernel_size: tuple[int, int]) -> torch.Tensor:
+    """W [C_out, Cg, kH, kW] in the parameters' dtype, differentiable w.r.t. akp and weight."""
+    idx = layout.tensors(akp.device)
+    return TritonSynthesize.apply(akp, weight, idx["family_i32"], idx["row_i32"], kernel_size)
+
+
+def conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
+           bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """y [N, C_out, H_out, W_out] = F.conv2d(x, synthesize(akp, weight), bias, ...) (nn.Conv2d
+    autocast semantics: x and bias are cast here, outside the Function, so autograd casts their
+    gradients back; the Function itself runs with autocast off)."""
+    idx = layout.tensors(akp.device)
+    if not torch.is_autocast_enabled(x.device.type):
+        return TritonConv2d.apply(x, akp, weight, bias, idx["family_i32"], idx["row_i32"], conv, kernel_size)
+    x, bias = library_conv.autocast_inputs(x, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return TritonConv2d.apply(x, akp, weight, bias, idx["family_i32"], idx["row_i32"], conv, kernel_size)
