@@ -11,8 +11,6 @@ from .cases import PASSES, Impl, LayerBench, LayerCase, available_devices, imple
 from .shapes import SWEEPS, select_shapes
 from .timing import synchronized
 
-pytest.importorskip("pytest_benchmark")
-
 DEVICES = available_devices()
 
 

@@ -13,8 +13,6 @@ from acl_fused import dispatch
 from .cases import SynthesisBench, available_devices
 from .timing import synchronized
 
-pytest.importorskip("pytest_benchmark")
-
 DEVICES = available_devices()
 
 

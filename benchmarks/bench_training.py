@@ -12,8 +12,6 @@ from .shapes import SWEEPS
 from .timing import synchronized
 from .training import train_step, training_batch
 
-pytest.importorskip("pytest_benchmark")
-
 DEVICES = available_devices()
 NETWORK = "resnet18"
 

@@ -33,9 +33,9 @@ MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channe
 
 @dataclass(frozen=True)
 class DtypeMode:
-    """Parameters stay float32. ``autocast``: the forward pass runs under torch.autocast with this
-    dtype (backward outside it, as PyTorch recommends); ``tf32``: torch.backends.cudnn.allow_tf32
-    during the whole measurement."""
+    """Parameters stay float32. ``autocast_dtype``: the forward pass runs under torch.autocast with
+    it (backward outside, as PyTorch recommends); ``tf32``: torch.backends.cudnn.allow_tf32 during
+    the whole measurement."""
 
     name: str
     autocast_dtype: Optional[torch.dtype]
@@ -260,7 +260,7 @@ class SynthesisBench:
 
     def fn(self, backend: str) -> Callable[[], None]:
         s, grad = self.layer, self.grad
-        leaves = [s.akp, s.weight]
+        leaves = [t for t in (s.akp, s.weight) if t is not None]
 
         def run() -> None:
             clear_grads(leaves)

@@ -23,6 +23,15 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.pluginmanager.hasplugin("benchmark"):
+        return
+    skip = pytest.mark.skip(reason="pytest-benchmark is not installed (or disabled with -p no:benchmark)")
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
 def _timing_requested(config: pytest.Config) -> bool:
     return bool(config.getoption("benchmark_only", False) or config.getoption("benchmark_enable", False))
 

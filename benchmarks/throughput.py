@@ -109,6 +109,7 @@ def measure_case(case: LayerCase, passes: list[str], impls: list[Impl], settings
                                 saved_tensor_bytes(bench.pass_fn(impl, "forward")) / 2**20)
             except Exception as e:  # reported in the table, not hidden
                 failed[impl] = ("error", first_line(e))
+                log(f"{case.label} {impl.label}: error: {failed[impl][1]}")
         for pass_name in passes:
             fns = {}
             for impl in checks:
@@ -118,6 +119,7 @@ def measure_case(case: LayerCase, passes: list[str], impls: list[Impl], settings
                 except Exception as e:
                     fns.pop(impl, None)
                     rows.append(row(impl, pass_name, "error", note=first_line(e)))
+                    log(format_layer_row(rows[-1]))
             timings = time_side_by_side(fns, case.device, settings)
             memory = {}
             for impl, fn in fns.items():
