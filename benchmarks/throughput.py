@@ -145,26 +145,33 @@ def measure_case(case: LayerCase, passes: list[str], impls: list[Impl], settings
 def measure_synthesis(device: torch.device, backends: list[str], settings: TimerSettings,
                       log: Callable[[str], None]) -> list[SynthesisRow]:
     bench = SynthesisBench(device)
-    rows, fns = [], {}
+    failed: dict[str, SynthesisRow] = {}
+    fns = {}
     for backend in backends:
         reason = bench.reason(backend)
         if reason:
-            rows.append(SynthesisRow(device.type, bench.label, backend, "not timed", reason))
+            failed[backend] = SynthesisRow(device.type, bench.label, backend, "not timed", reason)
             continue
         try:
             fns[backend] = bench.fn(backend)
             fns[backend]()
-        except Exception as e:
+        except Exception as e:  # reported in the table, not hidden
             fns.pop(backend, None)
-            rows.append(SynthesisRow(device.type, bench.label, backend, "error", first_line(e)))
+            failed[backend] = SynthesisRow(device.type, bench.label, backend, "error", first_line(e))
     timings = time_side_by_side(fns, device, settings)
     ref = timings.get(REFERENCE)
-    for backend, t in timings.items():
+    rows = []
+    for backend in backends:
+        if backend in failed:
+            rows.append(failed[backend])
+            continue
+        t = timings[backend]
         rows.append(SynthesisRow(device.type, bench.label, backend, "ok", "", t.median * 1e3, t.low * 1e3,
                                  t.high * 1e3, t.spread, t.median / ref.median if ref else None))
-        r = rows[-1]
-        log(f"{r.case} {r.impl:<13} {r.median_ms:9.3f} ms [{r.low_ms:.3f}, {r.high_ms:.3f}]"
-            + (f"  {r.vs_reference:6.3f}x reference" if r.vs_reference else ""))
+    for r in rows:
+        log(f"{r.case} {r.impl:<13} " + (f"{r.status}: {r.note}" if r.status != "ok" else
+            f"{r.median_ms:9.3f} ms [{r.low_ms:.3f}, {r.high_ms:.3f}]"
+            + (f"  {r.vs_reference:6.3f}x reference" if r.vs_reference else "")))
     return rows
 
 
