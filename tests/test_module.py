@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acl_fused import AKP_COUNT, AnalyticConv2d, Family, Layout
+from acl_fused import AKP_COUNT, AnalyticConv2d, Family
 from acl_fused.families import ANALYTIC_FAMILIES, pos
 
 ALL_FAMILIES = [Family.TGD2, Family.PLAIN, Family.GABOR, Family.MEAN, Family.LOG, Family.PLAIN, Family.LOT,
