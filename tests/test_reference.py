@@ -169,12 +169,11 @@ def test_grid_is_spec_section_2():
     assert x.flatten().tolist() == [-1.5, -0.5, 0.5, 1.5]   # along the width, half-integers
     assert y.flatten().tolist() == [-1.0, 0.0, 1.0]         # along the height
     assert x.shape == (1, 1, 1, 4) and y.shape == (1, 1, 3, 1)
-    # and synthesis uses it that way round: MEAN aside, LOG only sees r^2, so read it off a kernel
+    # and synthesis uses it that way round: a LOG kernel with sigma = 1 reads r^2 off the grid
     sigma_raw = math.log(1.0 - POS_EPS)
     w = reference.synthesize(torch.tensor([[[1.0, sigma_raw, 0, 0, 0, 0]]], dtype=torch.float64), None,
                              [Family.LOG], (2, 4))[0, 0]
-    r2 = torch.tensor([[1.5 ** 2 + 0.25, 0.5], [1.5 ** 2 + 0.25, 0.5]], dtype=torch.float64)
-    r2 = torch.cat([r2[:, :1], r2[:, 1:], r2[:, 1:], r2[:, :1]], 1)
+    r2 = torch.tensor([[2.5, 0.5, 0.5, 2.5]] * 2, dtype=torch.float64)   # x^2 + y^2, y = -+0.5
     torch.testing.assert_close(w, (1 - r2 / 2) * torch.exp(-r2 / 2), rtol=1e-12, atol=1e-14)
 
 
@@ -372,7 +371,7 @@ def test_acl_conv2d_gradcheck_all_analytic_grouped():
     """No plain channel (weight None, kernel_size given), groups, even kernel with 'same'."""
     codes = [int(c) for c in ANALYTIC_FAMILIES]
     akp = random_akp(codes, 2, (2, 2), seed=31).requires_grad_()
-    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, a: reference.acl_conv2d(x, a, None, codes, groups=2, padding="same", kernel_size=2), (x, akp))
 
@@ -456,7 +455,7 @@ def test_conv_gradcheck_with_conv_args():
     codes = [int(c) for c in MOSAIC]
     akp = random_akp(codes, 1, (2, 3), seed=60).requires_grad_()
     weight = random_weight(codes, 1, (2, 3), seed=60).requires_grad_()
-    x = torch.randn(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 3, 3, 4, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, a, w, b: reference.acl_conv2d(x, a, w, codes, b, padding="same", dilation=(1, 2), groups=3),
