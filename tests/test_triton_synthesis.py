@@ -162,3 +162,207 @@ def test_float32_within_spec_tolerance():
         rows = family == f
         err = (got[rows, :7].double() - want[rows, :7]).norm(dim=(0, 2))
         assert (err <= 1e-5 * want[rows, :7].norm(dim=(0, 2))).all(), (Family(f).name, err)
+
+
+# ------------------------------------------------------------------ synthesis and AKP-gradient kernels
+
+from acl_fused import acl_conv2d, dispatch  # noqa: E402
+from acl_fused.backends import triton_synthesis as ts  # noqa: E402
+from acl_fused.conv_args import ConvArgs  # noqa: E402
+from acl_fused.layout import Layout  # noqa: E402
+from acl_fused.reference import synthesize_layout  # noqa: E402
+from acl_fused.validation import Problem  # noqa: E402
+
+#: all seven families, in an order where no two neighbours share a family
+MOSAIC = [4, 0, 6, 1, 3, 0, 5, 2, 1, 6, 0, 3]
+
+
+def mosaic_params(codes, cg, kernel_size, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layout = Layout(codes)
+    akp = torch.randn(layout.num_analytic, cg, 6, dtype=torch.float64, device=DEVICE).to(dtype)
+    weight = torch.randn(layout.num_plain, cg, *kernel_size, dtype=torch.float64, device=DEVICE).to(dtype)
+    return layout, akp, (weight if layout.num_plain else None)
+
+
+def kernels(akp, weight, layout, kernel_size, grad_w):
+    """(W, d akp, d weight) from the two kernels, no autograd."""
+    idx = layout.tensors(akp.device)
+    w = ts.synthesize_weight(akp, weight, idx["family_i32"], idx["row_i32"], kernel_size)
+    d_akp, d_weight = ts.akp_and_weight_grads(grad_w, akp, weight, idx["family_i32"], idx["row_i32"],
+                                              kernel_size, True, True)
+    return w, d_akp, d_weight
+
+
+def reference_kernels(akp, weight, layout, kernel_size, grad_w):
+    leaves = [akp.detach().clone().requires_grad_()] + ([] if weight is None else [weight.detach().clone().requires_grad_()])
+    w = synthesize_layout(leaves[0], leaves[1] if weight is not None else None, layout, kernel_size)
+    grads = torch.autograd.grad(w, leaves, grad_w, allow_unused=True, materialize_grads=True)
+    return w.detach(), grads[0], (grads[1] if weight is not None else None)
+
+
+@pytest.mark.parametrize("tile", [32, 512], ids=["tile32", "tile512"])
+@pytest.mark.parametrize("kernel_size", [(3, 3), (4, 2), (1, 5)], ids=str)
+def test_kernels_match_reference_float64_across_blocks(monkeypatch, tile, kernel_size):
+    """Every family in a shuffled mosaic; C_out * Cg slices cross many program tiles (tile32 puts
+    a tile boundary inside every output channel), and a GPU-sized tile."""
+    monkeypatch.setattr(ts, "_INTERPRETER_TILE", tile)
+    monkeypatch.setattr(ts, "_SYNTH_TILE", tile)
+    monkeypatch.setattr(ts, "_GRAD_TILE", tile)
+    codes = MOSAIC + MOSAIC[::-1][:5]
+    layout, akp, weight = mosaic_params(codes, 5, kernel_size)
+    grad_w = torch.randn(len(codes), 5, *kernel_size, dtype=torch.float64, device=DEVICE)
+    got = kernels(akp, weight, layout, kernel_size, grad_w)
+    want = reference_kernels(akp, weight, layout, kernel_size, grad_w)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-11, atol=1e-13)
+    assert torch.equal(got[2], want[2])  # plain rows: dW copied
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_unused_slots_are_exactly_zero_even_for_non_finite_dw():
+    kernel_size = (3, 3)
+    layout, akp, weight = mosaic_params(MOSAIC, 3, kernel_size)
+    grad_w = torch.randn(len(MOSAIC), 3, *kernel_size, dtype=torch.float64, device=DEVICE)
+    grad_w[::2, :, 1, 1] = float("inf")
+    grad_w[1::2, :, 0, 2] = float("nan")
+    _, d_akp, _ = kernels(akp, weight, layout, kernel_size, grad_w)
+    for r, o in enumerate(layout.analytic_channels):
+        used = AKP_COUNT[Family(layout.codes[o])]
+        assert (d_akp[r, :, used:] == 0).all()
+        assert not torch.isfinite(d_akp[r, :, :used]).all()  # the inf/NaN does reach used slots
+
+
+def test_strided_dw_and_weight():
+    """dW may come back channels_last, or expanded (stride 0) from a sum; weight may be a view."""
+    kernel_size = (3, 2)
+    layout, akp, weight = mosaic_params(MOSAIC, 4, kernel_size)
+    weight_view = torch.cat([weight, weight], dim=1)[:, ::2]
+    assert not weight_view.is_contiguous()
+    shape = (len(MOSAIC), 4, *kernel_size)
+    for grad_w in (torch.randn(shape, dtype=torch.float64, device=DEVICE).contiguous(memory_format=torch.channels_last),
+                   torch.ones((), dtype=torch.float64, device=DEVICE).expand(shape)):
+        got = kernels(akp, weight_view, layout, kernel_size, grad_w)
+        want = reference_kernels(akp, weight_view, layout, kernel_size, grad_w)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13)
+
+
+def test_no_plain_or_no_analytic_channels():
+    kernel_size = (2, 2)
+    for codes in ([1, 2, 3, 4, 5, 6], [0, 0, 0]):
+        layout, akp, weight = mosaic_params(codes, 2, kernel_size)
+        grad_w = torch.randn(len(codes), 2, *kernel_size, dtype=torch.float64, device=DEVICE)
+        got = kernels(akp, weight, layout, kernel_size, grad_w)
+        want = reference_kernels(akp, weight, layout, kernel_size, grad_w)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-11, atol=1e-13)
+        assert (got[2] is None) == (weight is None)
+
+
+def test_float32_within_spec_tolerance_vs_float64_reference():
+    kernel_size = (5, 4)
+    layout, akp, weight = mosaic_params(MOSAIC * 2, 6, kernel_size)
+    grad_w = torch.randn(len(layout.codes), 6, *kernel_size, dtype=torch.float64, device=DEVICE)
+    want = reference_kernels(akp, weight, layout, kernel_size, grad_w)
+    got = kernels(akp.float(), weight.float(), layout, kernel_size, grad_w.float())
+    for g, r in zip(got, want):
+        assert g.dtype == torch.float32
+        assert (g.double() - r).norm() <= 1e-5 * r.norm()
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_params_are_synthesized_in_float32_and_rounded_once(low):
+    """W = round(float32 synthesis); d akp = round(float32 chain rule of the low-precision dW)."""
+    kernel_size = (3, 3)
+    layout, akp, weight = mosaic_params(MOSAIC, 3, kernel_size, dtype=low)
+    grad_w = torch.randn(len(MOSAIC), 3, *kernel_size, device=DEVICE).to(low)
+    w, d_akp, d_weight = kernels(akp, weight, layout, kernel_size, grad_w)
+    w32, d_akp32, _ = kernels(akp.float(), weight.float(), layout, kernel_size, grad_w.float())
+    assert w.dtype == d_akp.dtype == d_weight.dtype == low
+    assert torch.equal(w, w32.to(low))
+    assert torch.equal(d_akp, d_akp32.to(low))
+    assert torch.equal(d_weight, grad_w[list(layout.plain_channels)])
+
+
+def test_conv_function_saves_x_and_params_never_w():
+    kernel_size = (3, 3)
+    layout, akp, weight = mosaic_params([1, 0, 2, 3, 4, 5, 6], 4, kernel_size)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    akp.requires_grad_()
+    weight.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ts.conv2d(x, akp, weight, layout, None, ConvArgs.make(padding=1), kernel_size)
+    idx = layout.tensors(akp.device)
+    allowed = {t.data_ptr() for t in (x, akp, weight, idx["family_i32"], idx["row_i32"])}
+    assert saved and {t.data_ptr() for t in saved} <= allowed
+    assert all(t.shape != (7, 4, 3, 3) for t in saved)
+    y.sum().backward()
+    assert akp.grad is not None and weight.grad is not None and x.grad is not None
+
+
+def test_double_backward_raises_a_clear_error():
+    kernel_size = (3, 3)
+    layout, akp, weight = mosaic_params([2, 0], 2, kernel_size)
+    akp.requires_grad_()
+    w = ts.synthesize(akp, weight, layout, kernel_size)
+    (g,) = torch.autograd.grad(w.square().sum(), akp, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        g.sum().backward()
+
+
+def _problem(device="cpu", dtype=torch.float32):
+    return Problem(device=torch.device(device), dtype=dtype, kernel_size=(3, 3), layout=Layout([0, 1]))
+
+
+def test_why_not_reasons(monkeypatch):
+    assert ts.why_not(_problem("cuda")) is None
+    assert "dtype" in ts.why_not(_problem(dtype=torch.int32))
+    assert "'mps'" in ts.why_not(_problem("mps"))
+    monkeypatch.setattr(ts, "INTERPRETED", True)
+    assert ts.why_not(_problem("cpu")) is None
+    monkeypatch.setattr(ts, "INTERPRETED", False)
+    assert "set TRITON_INTERPRET=1 before importing acl_fused" in ts.why_not(_problem("cpu"))
+
+
+def test_why_not_without_triton_installed():
+    """With triton absent, `import acl_fused` still works and dispatch names the missing module."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, acl_fused\n"
+            "from acl_fused import dispatch\n"
+            "from acl_fused.layout import Layout\n"
+            "from acl_fused.validation import Problem\n"
+            "p = Problem(torch.device('cpu'), torch.float32, (3, 3), Layout([0, 1]))\n"
+            "print(dispatch.why_not('triton', p))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "triton_synthesis" in out.stdout and "triton" in out.stdout.split(":", 1)[1]
+
+
+@pytest.mark.skipif(not ts.INTERPRETED and DEVICE == "cpu", reason="needs CUDA or TRITON_INTERPRET=1")
+def test_runs_under_torch_compile():
+    """Under the interpreter the launches stay eager (dynamo cannot capture an interpreted kernel);
+    on a GPU dynamo captures the Triton kernels. Either way the compiled function is exact."""
+    kernel_size = (3, 3)
+    layout, akp, weight = mosaic_params(MOSAIC[:7], 3, kernel_size)
+    leaves = [torch.randn(2, 3, 6, 5, dtype=torch.float64, device=DEVICE), akp, weight]
+
+    def f(x, akp, weight):
+        return acl_conv2d(x, akp, weight, layout, None, padding=1, backend="triton").square().sum()
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager")):
+        inputs = [t.detach().clone().requires_grad_() for t in leaves]
+        loss = fn(*inputs)
+        results.append([loss, *torch.autograd.grad(loss, inputs)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -50,14 +50,14 @@ _INTERPRETER_TILE = 1 << 14
 def _load_slices(akp_ptr, family_ptr, row_ptr, n_slices, CG, BLOCK_S: tl.constexpr):
     """For this program's BLOCK_S slices: (s, in range, input channel c, family code, row in
     akp/weight, raw AKPs a, p1..p5 as [BLOCK_S, 1] columns in akp's dtype, 0 for plain rows)."""
-    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)  # akp rows are 6 wide
+    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = s < n_slices
     o = s // CG
     c = s - o * CG
     code = tl.load(family_ptr + o, mask=in_range, other=0)
     row = tl.load(row_ptr + o, mask=in_range, other=0).to(tl.int64)
     analytic = in_range & (code != PLAIN)
-    p = akp_ptr + (row * CG + c) * 6
+    p = akp_ptr + (row * CG + c) * 6  # akp [A, Cg, 6], contiguous
     a = tl.load(p + 0, mask=analytic, other=0)[:, None]
     p1 = tl.load(p + 1, mask=analytic, other=0)[:, None]
     p2 = tl.load(p + 2, mask=analytic, other=0)[:, None]
@@ -159,6 +159,12 @@ def _compute_akp(akp: torch.Tensor) -> torch.Tensor:
     return akp.contiguous()
 
 
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype the kernels store a result of ``dtype`` in. The interpreter's float32 -> bfloat16 cast
+    truncates (GPUs round to nearest even), so interpreted kernels store float32 and torch rounds."""
+    return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+
+
 def _tiling(kernel_size: tuple[int, int], tile: int) -> tuple[int, int]:
     """(KK_PAD, BLOCK_S) for a tile of about ``tile`` elements (``_INTERPRETER_TILE`` when
     interpreted)."""
@@ -173,17 +179,16 @@ def synthesize_weight(akp: torch.Tensor, weight: Optional[torch.Tensor], family_
     """W [C_out, Cg, kH, kW] (contiguous, akp's dtype) in one launch; no autograd."""
     kh, kw = kernel_size
     c_out, cg = family_i32.shape[0], akp.shape[1]
-    w = torch.empty((c_out, cg, kh, kw), dtype=akp.dtype, device=akp.device)
+    w = torch.empty((c_out, cg, kh, kw), dtype=_out_dtype(akp.dtype), device=akp.device)
     n_slices = c_out * cg
-    if n_slices == 0:
-        return w
-    kk_pad, block_s = _tiling(kernel_size, _SYNTH_TILE)
-    # without plain rows the weight pointer is never read: any valid pointer will do
-    plain = w if weight is None else weight
-    _synthesize_kernel[(triton.cdiv(n_slices, block_s),)](
-        _compute_akp(akp), plain, family_i32, row_i32, w, n_slices, cg, *plain.stride(),
-        KH=kh, KW=kw, KK_PAD=kk_pad, BLOCK_S=block_s)
-    return w
+    if n_slices > 0:
+        kk_pad, block_s = _tiling(kernel_size, _SYNTH_TILE)
+        # without plain rows the weight pointer is never read: any valid pointer will do
+        plain = w if weight is None else weight
+        _synthesize_kernel[(triton.cdiv(n_slices, block_s),)](
+            _compute_akp(akp), plain, family_i32, row_i32, w, n_slices, cg, *plain.stride(),
+            KH=kh, KW=kw, KK_PAD=kk_pad, BLOCK_S=block_s)
+    return w.to(akp.dtype)
 
 
 @_launcher
@@ -194,18 +199,18 @@ def akp_and_weight_grads(grad_w: torch.Tensor, akp: torch.Tensor, weight: Option
     """(d akp [A, Cg, 6], d weight [P, Cg, kH, kW]) in the parameters' dtype from dW
     [C_out, Cg, kH, kW] (any strides and float dtype) in one launch; None where not needed."""
     need_weight = need_weight and weight is not None
-    d_akp = torch.empty(akp.shape, dtype=akp.dtype, device=akp.device) if need_akp else None
-    d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
+    d_akp = torch.empty(akp.shape, dtype=_out_dtype(akp.dtype), device=akp.device) if need_akp else None
+    d_weight = torch.empty(weight.shape, dtype=_out_dtype(weight.dtype), device=weight.device) if need_weight else None
     n_slices = family_i32.shape[0] * akp.shape[1]
-    if n_slices == 0 or not (need_akp or need_weight):
-        return d_akp, d_weight
-    kk_pad, block_s = _tiling(kernel_size, _GRAD_TILE)
-    _akp_grad_kernel[(triton.cdiv(n_slices, block_s),)](
-        _compute_akp(akp), family_i32, row_i32, grad_w, grad_w if d_akp is None else d_akp,
-        grad_w if d_weight is None else d_weight, n_slices, akp.shape[1], *grad_w.stride(),
-        KH=kernel_size[0], KW=kernel_size[1], KK_PAD=kk_pad, BLOCK_S=block_s,
-        STORE_AKP=need_akp, STORE_WEIGHT=need_weight)
-    return d_akp, d_weight
+    if n_slices > 0 and (need_akp or need_weight):
+        kk_pad, block_s = _tiling(kernel_size, _GRAD_TILE)
+        _akp_grad_kernel[(triton.cdiv(n_slices, block_s),)](
+            _compute_akp(akp), family_i32, row_i32, grad_w, grad_w if d_akp is None else d_akp,
+            grad_w if d_weight is None else d_weight, n_slices, akp.shape[1], *grad_w.stride(),
+            KH=kernel_size[0], KW=kernel_size[1], KK_PAD=kk_pad, BLOCK_S=block_s,
+            STORE_AKP=need_akp, STORE_WEIGHT=need_weight)
+    return (None if d_akp is None else d_akp.to(akp.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype))
 
 
 class TritonSynthesize(torch.autograd.Function):
