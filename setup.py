@@ -39,6 +39,18 @@ def _want_cuda(cpp_extension) -> bool:
     return forced == "1"
 
 
+def _build_command(cpp_extension):
+    class BuildExtension(cpp_extension.BuildExtension):
+        """Compiles into build/native/, kept between builds so ninja recompiles only what changed
+        (pip's editable install would otherwise hand it a fresh temporary directory each time)."""
+
+        def build_extensions(self):
+            self.build_temp = str(ROOT / "build" / "native")
+            super().build_extensions()
+
+    return BuildExtension
+
+
 def _extension_build():
     """(ext_modules, cmdclass) for acl_fused._C, or nothing when ACL_FUSED_NO_EXT=1."""
     if os.environ.get("ACL_FUSED_NO_EXT") == "1":
@@ -55,7 +67,7 @@ def _extension_build():
     else:
         extension = cpp_extension.CppExtension(
             "acl_fused._C", sources, include_dirs=[str(CSRC)], extra_compile_args={"cxx": cxx_flags})
-    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [extension], {"build_ext": _build_command(cpp_extension)}
 
 
 ext_modules, cmdclass = _extension_build()
