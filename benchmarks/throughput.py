@@ -384,19 +384,20 @@ def csv_list(choices: Optional[Iterable[str]] = None) -> Callable[[str], list[st
     return parse
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="the short sweep (make run): a few shapes, short timings")
-    p.add_argument("--sections", type=csv_list(SECTIONS), default=list(SECTIONS))
+    p.add_argument("--sections", type=csv_list(SECTIONS), default=list(SECTIONS), help=", ".join(SECTIONS))
     p.add_argument("--shapes", type=csv_list(), help="shape keys such as 64-64k3s1,3-64k7s2, or 'all'")
     p.add_argument("--image-size", type=int, help="ResNet input size the layer spatial sizes follow from")
-    p.add_argument("--batches", type=csv_list())
-    p.add_argument("--dtypes", type=csv_list(DTYPE_MODES))
-    p.add_argument("--passes", type=csv_list(PASSES), default=list(PASSES))
-    p.add_argument("--memory-formats", type=csv_list(MEMORY_FORMATS))
-    p.add_argument("--layouts", type=csv_list(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--batches", type=csv_list(), help="e.g. 8,32,128")
+    p.add_argument("--dtypes", type=csv_list(DTYPE_MODES), help="; ".join(f"{m.name}: {m.description}"
+                                                                       for m in DTYPE_MODES.values()))
+    p.add_argument("--passes", type=csv_list(PASSES), default=list(PASSES), help=", ".join(PASSES))
+    p.add_argument("--memory-formats", type=csv_list(MEMORY_FORMATS), help=", ".join(MEMORY_FORMATS))
+    p.add_argument("--layouts", type=csv_list(LAYOUTS), default=list(LAYOUTS), help=", ".join(LAYOUTS))
     p.add_argument("--backends", type=csv_list(dispatch.BACKENDS), default=list(dispatch.BACKENDS),
                    help="acl_fused backends (nn.Conv2d is always measured)")
     p.add_argument("--network", default="resnet18", choices=list(BLOCKS), help="training section's network")
@@ -408,21 +409,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="keep torch.backends.cudnn.benchmark off")
-    p.add_argument("--out", type=Path, default=OUT_DIR)
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default benchmarks/out)")
+    return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available", file=sys.stderr)
-        return 2
+        parser.error("--device cuda: no CUDA device is available")
     sweep = SWEEPS[(device.type, args.quick)]
-    shapes = select_shapes(None if args.shapes == ["all"] else (args.shapes or sweep.shapes),
-                           args.image_size or sweep.image_size)
-    batches = [int(b) for b in args.batches] if args.batches else list(sweep.batches)
+    try:
+        shapes = select_shapes(None if args.shapes == ["all"] else (args.shapes or sweep.shapes),
+                               args.image_size or sweep.image_size)
+        batches = [int(b) for b in args.batches] if args.batches else list(sweep.batches)
+    except ValueError as e:
+        parser.error(str(e))
     dtypes = args.dtypes or list(sweep.dtypes)
     formats = args.memory_formats or list(sweep.memory_formats)
     settings = TimerSettings(cpu_min_run_time=args.min_run_time or (0.1 if args.quick else 0.3),
