@@ -187,6 +187,16 @@ def format_layer_row(r: LayerRow) -> str:
 
 # -- reporting ---------------------------------------------------------------------------------
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def environment(device: torch.device, argv: list[str], settings: TimerSettings) -> dict[str, str]:
     try:
         import triton
@@ -196,10 +206,7 @@ def environment(device: torch.device, argv: list[str], settings: TimerSettings) 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-            else platform.processor()
-        name = f"{name} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+        name = f"{cpu_name()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -278,8 +285,8 @@ def ms(value: Optional[float]) -> str:
 def markdown(env: dict[str, str], layers: list[LayerRow], synthesis: list[SynthesisRow], training: list[TrainRow]) -> str:
     out = [f"# acl_fused throughput: {env['device']}", ""] + [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}"
                                                               for k, v in env.items()]
-    if layers:
-        ok = [r for r in layers if r.status == "ok"]
+    ok = [r for r in layers if r.status == "ok"]
+    if ok:
         case_key = (lambda r: (r.shape, r.batch, r.dtype, r.memory_format, r.pass_))
         case_names = ["shape", "batch", "dtype", "format", "pass"]
         out += ["", "## Layers: median ms (time / nn.Conv2d)", "",
@@ -305,8 +312,8 @@ def markdown(env: dict[str, str], layers: list[LayerRow], synthesis: list[Synthe
                       ([d] + [f"{max((r.rel_err for r in ok if r.dtype == d and r.impl == i), default=0):.1e}"
                               for i in dict.fromkeys(r.impl for r in ok)]
                        for d in dict.fromkeys(r.dtype for r in ok)))]
-        if any(r.status != "ok" for r in layers):
-            out += ["", "## Not timed", "", not_timed(layers)]
+    if any(r.status != "ok" for r in layers):
+        out += ["", "## Layers not timed", "", not_timed(layers)]
     if synthesis:
         out += ["", f"## Synthesis alone (forward + backward): {synthesis[0].case}", "",
                 table(["implementation", "median ms", "spread", "time / reference", "note"],
