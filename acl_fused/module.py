@@ -61,8 +61,9 @@ class AnalyticConv2d(nn.Module):
     def reset_parameters(self) -> None:
         """nn.Conv2d's default init for plain rows and bias; analytic rows get readable AKPs
         (orientations spread evenly over [0, pi), scales tied to the kernel size) and amplitudes
-        a = z * std_conv / rms(K with a = 1), z ~ N(0, 1), so every synthesized slice has the
-        second moment E[W^2] = 1 / (3 fan_in) of nn.Conv2d's kaiming_uniform(a=sqrt(5)) init."""
+        a = z * std_conv / rms_family(K with a = 1), z ~ N(0, 1), so each family's synthesized slices
+        have the second moment E[W^2] = 1 / (3 fan_in) of nn.Conv2d's kaiming_uniform(a=sqrt(5))
+        init (rms_family: over all slices of the family)."""
         fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
         if self.weight is not None:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -216,9 +217,15 @@ def init_akp(layout: Layout, cg: int, kernel_size: tuple[int, int], fan_in: int,
         elif family == Family.LOT:
             p[:, 1] = pos_inverse(_RHO_FRAC * k * jitter)
         akp[list(rows)] = p.view(len(rows), cg, AKP_SLOTS)
-    # Amplitudes: match nn.Conv2d's default init variance 1 / (3 fan_in), slice by slice.
+    # Amplitudes: match nn.Conv2d's default init variance 1 / (3 fan_in) over each family's slices.
+    # Normalising per family, not per slice, keeps a slice that happens to be nearly zero on the
+    # grid (a TGD1 lobe pair across a 1-pixel-wide kernel) from getting a huge amplitude that a
+    # later change of theta or sigma would turn into a huge kernel.
     akp[..., 0] = 1.0
     unit = synthesize_layout(akp, None, Layout([c for c in layout.codes if c]), kernel_size)
-    rms = unit.pow(2).mean(dim=(2, 3)).sqrt().clamp_min(1e-6)
-    akp[..., 0] = torch.randn(akp.shape[:2], dtype=torch.float64) / math.sqrt(3 * fan_in) / rms
+    mean_square = unit.pow(2).mean(dim=(2, 3))
+    z = torch.randn(akp.shape[:2], dtype=torch.float64)
+    for rows in layout.family_rows.values():
+        rms = mean_square[list(rows)].mean().sqrt().item()
+        akp[list(rows), :, 0] = z[list(rows)] / math.sqrt(3 * fan_in) / (rms if rms > 0 else 1.0)
     return akp.to(dtype=dtype, device=device)
