@@ -10,10 +10,13 @@ sit side by side. A summary of median ratios per group closes the run.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
 from .cases import CONV2D, REFERENCE
+
+HERE = Path(__file__).resolve().parent
 
 
 def pytest_collect_file(file_path, parent):
@@ -28,7 +31,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="pytest-benchmark is not installed (or disabled with -p no:benchmark)")
     for item in items:
-        if "benchmark" in getattr(item, "fixturenames", ()):
+        if HERE in item.path.parents and "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
 
 

@@ -61,16 +61,11 @@ def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], No
     return run
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, settings: TimerSettings = TimerSettings()) -> Timing:
-    """Time ``fn()`` (its result is discarded) on ``device``."""
-    return time_side_by_side({0: fn}, device, settings)[0]
-
-
 def time_side_by_side(fns: dict[K, Callable[[], Any]], device: torch.device,
                       settings: TimerSettings = TimerSettings()) -> dict[K, Timing]:
-    """Time every callable of ``fns`` on ``device``: all are warmed up, then timed in
-    ``settings.rounds`` interleaved rounds (each a share of the time budget), so a load change on a
-    shared machine hits every implementation alike; quantiles are over the samples of all rounds."""
+    """Time every callable of ``fns`` on ``device`` (results discarded): all are warmed up, then
+    timed in ``settings.rounds`` interleaved rounds (each a share of the time budget), so a load
+    change on a shared machine hits every implementation alike; quantiles are over all rounds."""
     runners = {k: (_CudaRunner(fn, device, settings) if device.type == "cuda" else _CpuRunner(fn, settings))
                for k, fn in fns.items()}
     samples: dict[K, list[float]] = {k: [] for k in fns}
