@@ -91,6 +91,7 @@ def _first_runnable(name: str, problem: Problem) -> str:
     for candidate in candidates:
         if why_not(candidate, problem) is None:
             return candidate
-    reasons = "\n".join(f"  {n}: {r or 'available'}" for n, r in report(problem).items())
+    names = list(BACKENDS) if name in BACKENDS or name == "auto" else [name, *BACKENDS]
+    reasons = "\n".join(f"  {n}: {why_not(n, problem) or 'available'}" for n in names)
     wanted = "no backend can" if name == "auto" else f"backend {name!r} cannot"
     raise BackendUnavailable(f"{wanted} run this ACL call on {problem.device} / {problem.dtype}:\n{reasons}")

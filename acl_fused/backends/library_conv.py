@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from ..conv_args import ConvArgs
+from ..validation import autocast_enabled
 
 
 def autocast_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Cast x and bias to the autocast dtype when autocast is on for x's device (nn.Conv2d casts
     both); the backend then runs with autocast off and casts W to ``x.dtype`` after synthesis."""
-    if not torch.is_autocast_enabled(x.device.type):
+    if not autocast_enabled(x.device):
         return x, bias
     dtype = torch.get_autocast_dtype(x.device.type)
     return x.to(dtype), None if bias is None else bias.to(dtype)
