@@ -15,11 +15,14 @@ Helpers (all ``@triton.jit``):
   exact zeros for slots the family does not read and for PLAIN (code 0 gives K = 0: callers
   load plain weights themselves).
 
-``a, p1..p5`` are the raw AKP slots 0..5 of a slice; ``inv_area = 1/(kH*kW)``. Arguments
-broadcast to one shape; pass AKPs as [BLOCK, 1] and x, y as [1, KK] so the per-slice work
+``a, p1..p5`` are the raw AKP slots 0..5 of a slice; ``inv_area = 1/(kH*kW)`` as a tensor (0-d
+is fine, e.g. ``1.0 / tl.full([], KH * KW, dtype)``); p1..p5, x, y, inv_area are cast to ``a``'s
+dtype. Arguments broadcast to one shape; pass AKPs as [BLOCK, 1] and x, y as [1, KK] so the per-slice work
 (the positive maps, cos/sin of theta) is done once per slice, not per element. Math runs in
 ``a``'s dtype (float32 or float64; callers pass float32 for half/bf16). Inexact constants are
 built with ``tl.full`` in that dtype, so float64 never sees a float32-rounded 1e-3 or 2*pi.
+
+The family codes are exported as constexprs (PLAIN, GABOR, LOG, LOT, TGD1, TGD2, MEAN).
 
 Cost per element, shared across families: two exp (the Gaussian envelope(s): TGD1's two lobes
 and TGD2's two widths are each folded with G(y') into one exp), one cos/sin pair (Gabor's carrier)
