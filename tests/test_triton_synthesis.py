@@ -166,7 +166,7 @@ def test_float32_within_spec_tolerance():
 
 # ------------------------------------------------------------------ synthesis and AKP-gradient kernels
 
-from acl_fused import acl_conv2d, dispatch  # noqa: E402
+from acl_fused import acl_conv2d, synthesize  # noqa: E402
 from acl_fused.backends import triton_synthesis as ts  # noqa: E402
 from acl_fused.conv_args import ConvArgs  # noqa: E402
 from acl_fused.layout import Layout  # noqa: E402
@@ -195,10 +195,12 @@ def kernels(akp, weight, layout, kernel_size, grad_w):
 
 
 def reference_kernels(akp, weight, layout, kernel_size, grad_w):
-    leaves = [akp.detach().clone().requires_grad_()] + ([] if weight is None else [weight.detach().clone().requires_grad_()])
-    w = synthesize_layout(leaves[0], leaves[1] if weight is not None else None, layout, kernel_size)
-    grads = torch.autograd.grad(w, leaves, grad_w, allow_unused=True, materialize_grads=True)
-    return w.detach(), grads[0], (grads[1] if weight is not None else None)
+    """(W, d akp, d weight) by autograd on acl_fused.reference."""
+    leaves = [t if t is None else t.detach().clone().requires_grad_() for t in (akp, weight)]
+    w = synthesize_layout(leaves[0], leaves[1], layout, kernel_size)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(w, present, grad_w, allow_unused=True, materialize_grads=True))
+    return (w.detach(), *[None if t is None else next(grads) for t in leaves])
 
 
 @pytest.mark.parametrize("tile", [32, 512], ids=["tile32", "tile512"])
@@ -348,7 +350,8 @@ def test_why_not_without_triton_installed():
 
 
 @pytest.mark.skipif(not ts.INTERPRETED and DEVICE == "cpu", reason="needs CUDA or TRITON_INTERPRET=1")
-def test_runs_under_torch_compile():
+@pytest.mark.parametrize("entry", ["conv2d", "synthesize"])
+def test_runs_under_torch_compile(entry):
     """Under the interpreter the launches stay eager (dynamo cannot capture an interpreted kernel);
     on a GPU dynamo captures the Triton kernels. Either way the compiled function is exact."""
     kernel_size = (3, 3)
@@ -356,6 +359,8 @@ def test_runs_under_torch_compile():
     leaves = [torch.randn(2, 3, 6, 5, dtype=torch.float64, device=DEVICE), akp, weight]
 
     def f(x, akp, weight):
+        if entry == "synthesize":
+            return (synthesize(akp, weight, layout, kernel_size, backend="triton") * x[0, :, :3, :3]).square().sum()
         return acl_conv2d(x, akp, weight, layout, None, padding=1, backend="triton").square().sum()
 
     torch._dynamo.reset()
