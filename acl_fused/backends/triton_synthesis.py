@@ -149,6 +149,7 @@ def _eager_if_interpreted(fn):
     an interpreted kernel would be traced as Python (the interpreter itself), so keep it eager."""
     return torch.compiler.disable(fn) if INTERPRETED else fn
 
+
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
