@@ -143,9 +143,9 @@ struct LoT {
 };
 
 // TGD1: K = a (G(x' - σ) - G(x' + σ)) G(y'), G(u) = exp(-u^2 / (2σ^2)); AKPs a, θ, s_σ.
-// With G1 = G(x' - σ), G2 = G(x' + σ), Gy = G(y'), D = G1 - G2:
-//   dK/dθ = a Gy y' (G1 + G2) / σ
-//   dK/dσ = a Gy (x' (G1 (x' - σ) - G2 (x' + σ)) + D y'^2) / σ^3
+// With P = G(x' - σ) G(y'), M = G(x' + σ) G(y') (one exp each), D = P - M:
+//   dK/dθ = a y' (P + M) / σ
+//   dK/dσ = a (x' (P (x' - σ) - M (x' + σ)) + D y'^2) / σ^3
 template <typename T>
 struct Tgd1 {
   T a, inv_2s2;
@@ -155,17 +155,25 @@ struct Tgd1 {
   C10_HOST_DEVICE explicit Tgd1(const T* p) : a(p[0]), rot(p[1]), sigma(p[2]) {
     inv_2s2 = T(1) / (T(2) * sigma.value * sigma.value);
   }
-  C10_HOST_DEVICE T gauss(T u) const { return math::exp(-u * u * inv_2s2); }
+  // (P, M) at the rotated point (xr, yr).
+  C10_HOST_DEVICE void lobes(T xr, T yr, T& plus, T& minus) const {
+    const T s = sigma.value, across = yr * yr;
+    plus = math::exp(-((xr - s) * (xr - s) + across) * inv_2s2);
+    minus = math::exp(-((xr + s) * (xr + s) + across) * inv_2s2);
+  }
   C10_HOST_DEVICE T value(T x, T y) const {
-    const T xr = rot.xr(x, y), yr = rot.yr(x, y), s = sigma.value;
-    return a * (gauss(xr - s) - gauss(xr + s)) * gauss(yr);
+    T plus, minus;
+    lobes(rot.xr(x, y), rot.yr(x, y), plus, minus);
+    return a * (plus - minus);
   }
   C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
     const T xr = rot.xr(x, y), yr = rot.yr(x, y), s = sigma.value;
-    const T g1 = gauss(xr - s), g2 = gauss(xr + s), d = g1 - g2, gy = g * gauss(yr);
-    acc[0] += gy * d;
-    acc[1] += gy * yr * (g1 + g2);
-    acc[2] += gy * (xr * (g1 * (xr - s) - g2 * (xr + s)) + d * yr * yr);
+    T plus, minus;
+    lobes(xr, yr, plus, minus);
+    const T gp = g * plus, gm = g * minus, d = gp - gm;
+    acc[0] += d;
+    acc[1] += yr * (gp + gm);
+    acc[2] += xr * (gp * (xr - s) - gm * (xr + s)) + d * yr * yr;
   }
   C10_HOST_DEVICE void finish(T* acc) const {
     const T s = sigma.value;
@@ -175,9 +183,9 @@ struct Tgd1 {
 };
 
 // TGD2: K = a (G_σ(x') - ½ G_2σ(x')) G_σ(y'); AKPs a, θ, s_σ.
-// With A = G_σ(x'), B = G_2σ(x'), Gy = G_σ(y'), D = A - B/2:
-//   dK/dθ = -⅜ a Gy x' y' B / σ^2
-//   dK/dσ = a Gy (x'^2 (A - B/8) + D y'^2) / σ^3
+// With N = G_σ(x') G_σ(y'), W = G_2σ(x') G_σ(y') (one exp each), D = N - W/2:
+//   dK/dθ = -⅜ a x' y' W / σ^2
+//   dK/dσ = a (x'^2 (N - W/8) + D y'^2) / σ^3
 template <typename T>
 struct Tgd2 {
   T a, inv_2s2;
@@ -187,17 +195,25 @@ struct Tgd2 {
   C10_HOST_DEVICE explicit Tgd2(const T* p) : a(p[0]), rot(p[1]), sigma(p[2]) {
     inv_2s2 = T(1) / (T(2) * sigma.value * sigma.value);
   }
+  // (N, W) at the rotated point (xr, yr).
+  C10_HOST_DEVICE void lobes(T xr, T yr, T& narrow, T& wide) const {
+    const T along = xr * xr, across = yr * yr;
+    narrow = math::exp(-(along + across) * inv_2s2);
+    wide = math::exp(-(T(0.25) * along + across) * inv_2s2);
+  }
   C10_HOST_DEVICE T value(T x, T y) const {
-    const T xr = rot.xr(x, y), yr = rot.yr(x, y), ex = -xr * xr * inv_2s2;
-    return a * (math::exp(ex) - T(0.5) * math::exp(T(0.25) * ex)) * math::exp(-yr * yr * inv_2s2);
+    T narrow, wide;
+    lobes(rot.xr(x, y), rot.yr(x, y), narrow, wide);
+    return a * (narrow - T(0.5) * wide);
   }
   C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
-    const T xr = rot.xr(x, y), yr = rot.yr(x, y), ex = -xr * xr * inv_2s2;
-    const T wide = math::exp(T(0.25) * ex), narrow = math::exp(ex), d = narrow - T(0.5) * wide;
-    const T gy = g * math::exp(-yr * yr * inv_2s2);
-    acc[0] += gy * d;
-    acc[1] += gy * xr * yr * wide;
-    acc[2] += gy * (xr * xr * (narrow - T(0.125) * wide) + d * yr * yr);
+    const T xr = rot.xr(x, y), yr = rot.yr(x, y);
+    T narrow, wide;
+    lobes(xr, yr, narrow, wide);
+    const T gn = g * narrow, gw = g * wide, d = gn - T(0.5) * gw;
+    acc[0] += d;
+    acc[1] += xr * yr * gw;
+    acc[2] += xr * xr * (gn - T(0.125) * gw) + d * yr * yr;
   }
   C10_HOST_DEVICE void finish(T* acc) const {
     const T s = sigma.value;
@@ -231,25 +247,32 @@ C10_HOST_DEVICE void visit_family(int code, const T* p, int kh, int kw, Visitor&
   }
 }
 
-// Grid point of element e = i * kW + j (SPEC §2): x along the width, y along the height.
-template <typename T>
-struct Grid {
-  int kw;
-  T cx, cy;
-  C10_HOST_DEVICE Grid(int kh, int kw_) : kw(kw_), cx(T(kw_ - 1) / T(2)), cy(T(kh - 1) / T(2)) {}
-  C10_HOST_DEVICE T x(int e) const { return T(e % kw) - cx; }
-  C10_HOST_DEVICE T y(int e) const { return T(e / kw) - cy; }
-};
+// Calls fn(e, x, y) for elements e = first, first + step, ... < kh * kw of a kernel, with (x, y)
+// the grid point of element e = i * kw + j (SPEC §2: x along the width, y along the height).
+// (i, j) advance by additions: no integer division per element.
+template <typename T, typename Fn>
+C10_HOST_DEVICE void for_each_point(int kh, int kw, int first, int step, Fn&& fn) {
+  const T cx = T(kw - 1) / T(2), cy = T(kh - 1) / T(2);
+  const int di = step / kw, dj = step % kw;
+  int i = first / kw, j = first % kw;
+  for (int e = first; e < kh * kw; e += step) {
+    fn(e, T(j) - cx, T(i) - cy);
+    i += di;
+    j += dj;
+    if (j >= kw) {
+      j -= kw;
+      ++i;
+    }
+  }
+}
 
 // w[e] = K_code(p) at elements e = first, first + step, ... < kh * kw of one analytic slice.
 template <typename T, typename scalar_t>
 C10_HOST_DEVICE void synthesize_slice(int code, const T* p, int kh, int kw, int first, int step,
                                       scalar_t* w) {
-  const Grid<T> grid(kh, kw);
   visit_family(code, p, kh, kw, [&](const auto& family) {
-    for (int e = first; e < kh * kw; e += step) {
-      w[e] = static_cast<scalar_t>(family.value(grid.x(e), grid.y(e)));
-    }
+    for_each_point<T>(kh, kw, first, step,
+                      [&](int e, T x, T y) { w[e] = static_cast<scalar_t>(family.value(x, y)); });
   });
 }
 
@@ -259,11 +282,9 @@ template <typename T, typename scalar_t>
 C10_HOST_DEVICE void akp_grad_slice(int code, const T* p, int kh, int kw, int first, int step,
                                     const scalar_t* g, T* grad) {
   for (int k = 0; k < kAkpSlots; ++k) grad[k] = T(0);
-  const Grid<T> grid(kh, kw);
   visit_family(code, p, kh, kw, [&](const auto& family) {
-    for (int e = first; e < kh * kw; e += step) {
-      family.add_grad(grid.x(e), grid.y(e), static_cast<T>(g[e]), grad);
-    }
+    for_each_point<T>(kh, kw, first, step,
+                      [&](int e, T x, T y) { family.add_grad(x, y, static_cast<T>(g[e]), grad); });
     family.finish(grad);
   });
 }
