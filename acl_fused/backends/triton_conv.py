@@ -2,29 +2,34 @@
 
 The synthesized weight W [C_out, Cg, kH, kW] never exists in global memory, forward or backward:
 
-* forward   y = x (*) W: implicit GEMM, M = N*H_out*W_out output pixels, N = C_out/g output
-  channels, K = Cg*kH*kW. Each program loads the AKPs of its [Cg-block, C_out-block] tile once
-  and, for every tap (i, j) of the kernel, evaluates the family formulas at that tap's grid point
-  (acl_fused.backends.triton_families) to get the W tile the tensor cores consume.
+* forward   y = x (*) W: implicit GEMM over M = N*H_out*W_out output pixels, N = C_out/g output
+  channels, K = kH*kW*Cg taps x input channels. Each K-step gathers its x tile [BLOCK_M, BLOCK_K]
+  through x's strides and builds its W tile [BLOCK_K, BLOCK_N] in registers: plain rows are
+  loaded from ``weight``; analytic rows gather the six AKPs of each (o, c) slice once and
+  evaluate the family formula at the grid point of the element's tap, which comes from the k
+  index (acl_fused.backends.triton_families).
 * grad_x    = grad_y (*)^T W: the transposed implicit GEMM (M = N*H*W input pixels, N = Cg,
-  K = C_out/g*kH*kW) synthesizing the same tiles.
-* grad_akp  from the weight-gradient GEMM dW[o, c, i, j] = sum_p grad_y[p, o] x[p + tap, c]: its
-  epilogue contracts each tap's dW tile against dK/dAKP (family_value_and_grads) and accumulates
-  over the kH*kW taps in registers, so only [.., Cg, 6] AKP gradients are written. Plain rows'
-  dW goes straight to grad_weight. The M reduction is split over programs for parallelism; each
-  split writes its own partial and the partials are summed in a fixed order (deterministic, no
-  atomics).
+  K = kH*kW*C_out/g) building the same W tiles the same way.
+* grad_akp  from the weight-gradient GEMM dW[o, c, i, j] = sum_p grad_y[p, o] x[p + tap, c], one
+  tap at a time: its epilogue contracts the tap's dW tile with dK/dAKP (family_value_and_grads)
+  and accumulates over the kH*kW taps in registers, so only [A, Cg, 6] AKP gradients are written;
+  plain rows' dW goes straight to grad_weight. The pixel reduction is split over programs to
+  fill the GPU; each split writes its own partial and the partials are summed in a fixed order
+  (deterministic, no atomics).
 
-Cost trade-off (expected, not measured: this project has no GPU to time on). Every M-tile
-re-synthesizes its W tiles, so transcendental work is (number of M-tiles) x (C_out*Cg*kH*kW
-elements) x (a few exp/sin/cos per element) instead of once per layer. Per synthesized element a
-tile feeds BLOCK_M multiply-adds, so with BLOCK_M = 64..128 the synthesis is a modest fraction of
-the FMA work in IEEE float32 and float64, but a larger one next to TF32/fp16 tensor-core dots
-(roughly 10x the FMA rate): a win where W's round trip through memory, the extra launches and the
-autograd intermediates of the unfused path dominate (small and medium layers, large batch
-relative to weights), a loss for layers with huge Cg*C_out and few pixels. All-plain tiles skip
-synthesis at run time, so a mostly-plain mosaic costs close to a plain implicit-GEMM conv.
-Depthwise-like shapes (Cg or C_out/g far below 16) waste most of every 16-wide dot.
+Cost trade-off (expected, not measured: no GPU to time on here). Every M-tile re-synthesizes the
+W tiles it consumes, so synthesis work is (number of M-tiles) x C_out*Cg*kH*kW elements x (about
+four exp/cos/sqrt per element plus the slice's positive maps and cos/sin theta, recomputed per
+element) instead of once per layer; each synthesized element feeds BLOCK_M multiply-adds. Against
+IEEE float32 / float64 FMA dots that is a modest overhead at BLOCK_M = 128-256; against TF32 /
+fp16 / bf16 tensor-core dots (an order of magnitude faster per multiply-add) synthesis can cost as
+much as the GEMM itself. What the fusion buys is no W round trip through memory, no per-family
+launches and no autograd intermediates: it pays off for small and medium layers and when W's
+traffic and launches dominate, and loses to cuDNN on W for large-channel layers on tensor cores.
+Tiles whose output channels are all plain skip synthesis at run time, so a mostly-plain mosaic
+costs close to a plain implicit-GEMM convolution. The weight-gradient epilogue runs once per tap
+per program and is amortised over the program's whole pixel range. Depthwise-like shapes
+(Cg and C_out/g far below 16) waste most of every 16-wide dot.
 """
 from __future__ import annotations
 
@@ -65,12 +70,13 @@ def _configs(gpu: list[tuple[int, ...]], interpreted: tuple[int, ...], names: tu
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the two implicit GEMMs (forward and grad_x).
-# Every K-step gathers six AKP values per W-tile element, so BLOCK_K*BLOCK_N also sets the
-# synthesis working set; large BLOCK_M is what amortizes synthesis (each W element feeds BLOCK_M
-# multiply-adds).
+# Large BLOCK_M amortizes synthesis (each W element feeds BLOCK_M multiply-adds); the synthesis
+# temporaries are [BLOCK_K, BLOCK_N] tiles (about twenty live at once), so that product is kept
+# at 1-2K elements per 4-8 warps to limit register spills. Untimed guesses for an H100: the
+# autotuner picks per (M, Cg, C_out/g, kernel size).
 _GEMM_CONFIGS = _configs(
-    [(128, 64, 32, 4, 3), (256, 64, 32, 8, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4),
-     (128, 32, 32, 4, 4), (64, 32, 16, 4, 4), (32, 16, 16, 2, 4)],
+    [(128, 64, 16, 4, 3), (128, 64, 32, 8, 3), (256, 64, 16, 8, 3), (128, 128, 16, 8, 3),
+     (64, 64, 32, 4, 3), (64, 32, 16, 4, 4), (32, 16, 16, 2, 4)],
     (32, 16, 16, 4, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 # (BLOCK_P, num_warps, num_stages) for the weight-gradient GEMM; its [BLOCK_O, BLOCK_C] tile is
 # fixed on the host (_PARAM_TILE) because the split of the pixel reduction depends on it.
@@ -139,7 +145,7 @@ def _conv_forward_kernel(
     m_ok = m < M
     ow = m % WO
     oh = (m // WO) % HO
-    x_n = (m // WO // HO).to(tl.int64) * s_xn
+    n = (m // WO // HO).to(tl.int64)
     o_local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = o_local < COG
     o = g * COG + o_local
@@ -155,7 +161,8 @@ def _conv_forward_kernel(
         ih = oh[:, None] * SH - PT + (i * DH)[None, :]
         iw = ow[:, None] * SW - PL + (j * DW)[None, :]
         ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_offs = x_n[:, None] + ih.to(tl.int64) * s_xh + iw.to(tl.int64) * s_xw + ((g * CG + c).to(tl.int64) * s_xc)[None, :]
+        x_offs = (n * s_xn)[:, None] + ih.to(tl.int64) * s_xh + iw.to(tl.int64) * s_xw \
+            + ((g * CG + c).to(tl.int64) * s_xc)[None, :]
         xt = tl.load(x_ptr + x_offs, mask=ok, other=0.0)
         wt = _weight_tile(code[None, :], row[None, :], c[:, None], i[:, None], j[:, None],
                           k_ok[:, None] & o_ok[None, :], akp_ptr, s_ar, s_ac, s_as, weight_ptr, s_wo, s_wc, s_wh, s_ww,
@@ -163,7 +170,7 @@ def _conv_forward_kernel(
         acc += tl.dot(xt.to(DOT), wt.to(DOT), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
-    y_offs = ((m // WO // HO).to(tl.int64) * s_yn + oh.to(tl.int64) * s_yh + ow.to(tl.int64) * s_yw)[:, None] \
+    y_offs = (n * s_yn + oh.to(tl.int64) * s_yh + ow.to(tl.int64) * s_yw)[:, None] \
         + o.to(tl.int64)[None, :] * s_yc
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
@@ -207,7 +214,8 @@ def _conv_grad_input_kernel(
         ow = tw // SW
         ok = m_ok[:, None] & k_ok[None, :] & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) \
             & (oh < HO) & (ow < WO)
-        dy_offs = (n * s_dn)[:, None] + oh.to(tl.int64) * s_dh + ow.to(tl.int64) * s_dw + (o.to(tl.int64) * s_dc)[None, :]
+        dy_offs = (n * s_dn)[:, None] + oh.to(tl.int64) * s_dh + ow.to(tl.int64) * s_dw \
+            + (o.to(tl.int64) * s_dc)[None, :]
         dyt = tl.load(dy_ptr + dy_offs, mask=ok, other=0.0)
         wt = _weight_tile(code[:, None], row[:, None], c[None, :], i[:, None], j[:, None],
                           k_ok[:, None] & c_ok[None, :], akp_ptr, s_ar, s_ac, s_as, weight_ptr, s_wo, s_wc, s_wh, s_ww,
@@ -379,38 +387,49 @@ class _Operands:
         self.synth = _TORCH_TO_TL[_synth_dtype(akp.dtype)]
 
 
+def _dtypes(x_dtype: torch.dtype, ops: "_Operands") -> dict:
+    """The kernels' dtype and precision constexprs."""
+    return dict(SYNTH=ops.synth, DOT=_dot_dtype(x_dtype), ACC=_TORCH_TO_TL[_acc_dtype(x_dtype)],
+                PRECISION=_dot_precision(x_dtype))
+
+
 def _forward(x: torch.Tensor, ops: _Operands, bias: Optional[torch.Tensor], out_hw: tuple[int, int]) -> torch.Tensor:
+    """y [N, C_out, H_out, W_out] in x's dtype and F.conv2d's output memory format."""
     n, _, h, w = x.shape
     ho, wo = out_hw
-    c_out = ops.cog * ops.groups
-    y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=_output_format(x))
+    y = torch.empty((n, ops.cog * ops.groups, ho, wo), dtype=x.dtype, device=x.device,
+                    memory_format=_output_format(x))
     m = n * ho * wo
     if m == 0:
         return y
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(ops.cog, meta["BLOCK_N"]), ops.groups)  # noqa: E731
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(ops.cog, meta["BLOCK_N"]), ops.groups
+
     _conv_forward_kernel[grid](
         x, ops.akp, ops.weight, y if bias is None else bias, ops.family, ops.row, y,
         m, ops.cg, ops.cog, h, w, ho, wo,
         *x.stride(), *ops.akp_strides, *ops.weight_strides, *y.stride(), *ops.geometry,
         KH=ops.kh, KW=ops.kw, HAS_PLAIN=ops.has_plain, HAS_ANALYTIC=ops.has_analytic, HAS_BIAS=bias is not None,
-        SYNTH=ops.synth, DOT=_dot_dtype(x.dtype), ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype))
+        **_dtypes(x.dtype, ops))
     return y
 
 
 def _grad_input(grad_y: torch.Tensor, x: torch.Tensor, ops: _Operands) -> torch.Tensor:
+    """grad_x [N, C_in, H, W] with x's dtype and strides (when dense)."""
     n, _, h, w = x.shape
     ho, wo = grad_y.shape[-2:]
     dx = torch.empty_like(x)
     m = n * h * w
     if m == 0:
         return dx
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(ops.cg, meta["BLOCK_N"]), ops.groups)  # noqa: E731
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(ops.cg, meta["BLOCK_N"]), ops.groups
+
     _conv_grad_input_kernel[grid](
         grad_y, ops.akp, ops.weight, ops.family, ops.row, dx,
         m, ops.cg, ops.cog, h, w, ho, wo,
         *grad_y.stride(), *ops.akp_strides, *ops.weight_strides, *dx.stride(), *ops.geometry,
-        KH=ops.kh, KW=ops.kw, HAS_PLAIN=ops.has_plain, HAS_ANALYTIC=ops.has_analytic,
-        SYNTH=ops.synth, DOT=_dot_dtype(x.dtype), ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype))
+        KH=ops.kh, KW=ops.kw, HAS_PLAIN=ops.has_plain, HAS_ANALYTIC=ops.has_analytic, **_dtypes(x.dtype, ops))
     return dx
 
 
@@ -424,25 +443,23 @@ def _grad_params(grad_y: torch.Tensor, x: torch.Tensor, akp: torch.Tensor, weigh
     ho, wo = grad_y.shape[-2:]
     p = n * ho * wo
     tile = _PARAM_TILE
-    base_programs = ops.groups * triton.cdiv(ops.cog, tile) * triton.cdiv(ops.cg, tile)
-    splits, per_split = _param_split(p, base_programs, x.device)
-    partial = _synth_dtype(akp.dtype)
-    alloc = torch.empty if p else torch.zeros  # p == 0 launches nothing: the grads are zero
-    ga = alloc((splits, *akp.shape), dtype=partial, device=x.device) if want_analytic else None
-    gw = alloc((splits, *weight.shape), dtype=partial, device=x.device) if want_plain else None
+    splits, per_split = _param_split(
+        p, ops.groups * triton.cdiv(ops.cog, tile) * triton.cdiv(ops.cg, tile), x.device)
+    # per-split partials in the synthesis dtype; p == 0 launches nothing, so they start at zero
+    alloc = functools.partial(torch.empty if p else torch.zeros, dtype=_synth_dtype(akp.dtype), device=x.device)
+    ga = alloc((splits, *akp.shape)) if want_analytic else None
+    gw = alloc((splits, *weight.shape)) if want_plain else None
     if p and (want_analytic or want_plain):
-        some = ga if ga is not None else gw
+        ga_arg = ga if want_analytic else gw  # a stand-in pointer the kernel never writes
+        gw_arg = gw if want_plain else ga
         grid = (ops.groups * splits, triton.cdiv(ops.cog, tile), triton.cdiv(ops.cg, tile))
         _conv_grad_params_kernel[grid](
-            grad_y, x, ops.akp, ops.family, ops.row, some if ga is None else ga, some if gw is None else gw,
+            grad_y, x, ops.akp, ops.family, ops.row, ga_arg, gw_arg,
             p, per_split, splits, ops.cg, ops.cog, h, w, ho, wo,
-            *grad_y.stride(), *x.stride(), *ops.akp_strides,
-            some.stride(0) if ga is None else ga.stride(0), some.stride(0) if gw is None else gw.stride(0),
-            *ops.geometry,
-            KH=ops.kh, KW=ops.kw, WANT_PLAIN=want_plain, WANT_ANALYTIC=want_analytic,
-            SYNTH=ops.synth, DOT=_dot_dtype(x.dtype), ACC=_TORCH_TO_TL[_acc_dtype(x.dtype)], PRECISION=_dot_precision(x.dtype),
+            *grad_y.stride(), *x.stride(), *ops.akp_strides, ga_arg.stride(0), gw_arg.stride(0), *ops.geometry,
+            KH=ops.kh, KW=ops.kw, WANT_PLAIN=want_plain, WANT_ANALYTIC=want_analytic, **_dtypes(x.dtype, ops),
             BLOCK_O=tile, BLOCK_C=tile)
-    # fixed-order sum of the per-split partials: deterministic
+    # summing the partials over their leading axis has a fixed order: deterministic
     grad_akp = None
     if want_akp:
         grad_akp = ga.sum(0).to(akp.dtype) if want_analytic else torch.zeros_like(akp)
