@@ -356,7 +356,9 @@ def test_cuda_kernels_match_cpu_kernels(cuda_kernels, dtype, kernel_size):
     type, across 1 to 32 lanes per slice and a slice count that leaves partial warps."""
     akp, weight, layout = make_inputs(MOSAIC * 3, 5, kernel_size, dtype=dtype)
     grad_w = torch.randn(len(MOSAIC) * 3, 5, *kernel_size, dtype=torch.float64).to(dtype)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    # Low precision: both round the same float32 values once, so at most a few elements differ by
+    # one unit in the last place (a relative norm error well below eps).
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, torch.finfo(dtype).eps)
     out = {}
     for device in ("cpu", "cuda"):
         family, row = layout_args(layout, device)
