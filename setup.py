@@ -11,6 +11,7 @@ of torch are present. Environment switches:
 Build without network against the installed torch: ``pip install --no-build-isolation -e .``
 """
 import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -55,18 +56,25 @@ def _extension_build():
     """(ext_modules, cmdclass) for acl_fused._C, or nothing when ACL_FUSED_NO_EXT=1."""
     if os.environ.get("ACL_FUSED_NO_EXT") == "1":
         return [], {}
+    import torch
     from torch.utils import cpp_extension
 
     sources = _sources("*.cpp") + _sources("cpu/*.cpp")
-    cxx_flags = ["-O3"]
+    cxx_flags, link_flags = ["-O3"], []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is inline OpenMP code: without -fopenmp the CPU kernels run on one
+        # thread. libgomp resolves to the copy torch already loaded (same soname, one pool).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if _want_cuda(cpp_extension):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         extension = cpp_extension.CUDAExtension(
             "acl_fused._C", sources + _sources("cuda/*.cu"), include_dirs=[str(CSRC)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=link_flags)
     else:
         extension = cpp_extension.CppExtension(
-            "acl_fused._C", sources, include_dirs=[str(CSRC)], extra_compile_args={"cxx": cxx_flags})
+            "acl_fused._C", sources, include_dirs=[str(CSRC)], extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags)
     return [extension], {"build_ext": _build_command(cpp_extension)}
 
 

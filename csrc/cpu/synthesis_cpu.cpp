@@ -20,24 +20,34 @@ namespace {
 // Slices per parallel_for chunk: ~4k grid points, enough to amortise a task.
 int64_t grain(const SynthesisShape& s) { return std::max<int64_t>(1, 4096 / (s.kh * s.kw)); }
 
+// Runs fn(o, c) over all (o, c) slices. at::parallel_for gives each thread one contiguous range
+// of the iteration space, and layouts put families in blocks of output channels (default: plain
+// first), so slices are visited with o fastest: every thread gets the same mix of families. In
+// (o, c) order one thread would copy the plain rows while the other computed every analytic one
+// (measured: no speed-up from 2 threads on AnalyticConv2d(256, 256, 3)'s default layout).
+template <typename Fn>
+void for_each_slice(const SynthesisShape& s, const Fn& fn) {
+  at::parallel_for(0, s.slices(), grain(s), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i % s.c_out, i / s.c_out);
+  });
+}
+
 template <typename scalar_t>
 void synthesize_slices(const SynthesisShape& s, const scalar_t* akp, const scalar_t* weight, const int* family,
                        const int* row, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
   const int64_t kk = s.kh * s.kw;
-  at::parallel_for(0, s.slices(), grain(s), [&](int64_t begin, int64_t end) {
-    for (int64_t slice = begin; slice < end; ++slice) {
-      const int64_t o = slice / s.cg, c = slice % s.cg, r = row[o];
-      scalar_t* w = out + slice * kk;
-      if (family[o] == kPlain) {
-        std::copy_n(weight + (r * s.cg + c) * kk, kk, w);
-        continue;
-      }
-      T p[kAkpSlots];
-      const scalar_t* src = akp + (r * s.cg + c) * kAkpSlots;
-      for (int k = 0; k < kAkpSlots; ++k) p[k] = static_cast<T>(src[k]);
-      synthesize_slice<T>(family[o], p, s.kh, s.kw, 0, 1, w);
+  for_each_slice(s, [&](int64_t o, int64_t c) {
+    const int64_t r = row[o];
+    scalar_t* w = out + (o * s.cg + c) * kk;
+    if (family[o] == kPlain) {
+      std::copy_n(weight + (r * s.cg + c) * kk, kk, w);
+      return;
     }
+    T p[kAkpSlots];
+    const scalar_t* src = akp + (r * s.cg + c) * kAkpSlots;
+    for (int k = 0; k < kAkpSlots; ++k) p[k] = static_cast<T>(src[k]);
+    synthesize_slice<T>(family[o], p, s.kh, s.kw, 0, 1, w);
   });
 }
 
@@ -46,22 +56,20 @@ void akp_grad_slices(const SynthesisShape& s, const scalar_t* grad_w, const scal
                      const int* row, scalar_t* grad_akp, scalar_t* grad_weight) {
   using T = at::opmath_type<scalar_t>;
   const int64_t kk = s.kh * s.kw;
-  at::parallel_for(0, s.slices(), grain(s), [&](int64_t begin, int64_t end) {
-    for (int64_t slice = begin; slice < end; ++slice) {
-      const int64_t o = slice / s.cg, c = slice % s.cg, r = row[o];
-      const scalar_t* g = grad_w + slice * kk;
-      if (family[o] == kPlain) {
-        if (grad_weight != nullptr) std::copy_n(g, kk, grad_weight + (r * s.cg + c) * kk);
-        continue;
-      }
-      if (grad_akp == nullptr) continue;
-      T p[kAkpSlots], grad[kAkpSlots];
-      const scalar_t* src = akp + (r * s.cg + c) * kAkpSlots;
-      for (int k = 0; k < kAkpSlots; ++k) p[k] = static_cast<T>(src[k]);
-      akp_grad_slice<T>(family[o], p, s.kh, s.kw, 0, 1, g, grad);
-      scalar_t* dst = grad_akp + (r * s.cg + c) * kAkpSlots;
-      for (int k = 0; k < kAkpSlots; ++k) dst[k] = static_cast<scalar_t>(grad[k]);
+  for_each_slice(s, [&](int64_t o, int64_t c) {
+    const int64_t r = row[o];
+    const scalar_t* g = grad_w + (o * s.cg + c) * kk;
+    if (family[o] == kPlain) {
+      if (grad_weight != nullptr) std::copy_n(g, kk, grad_weight + (r * s.cg + c) * kk);
+      return;
     }
+    if (grad_akp == nullptr) return;
+    T p[kAkpSlots], grad[kAkpSlots];
+    const scalar_t* src = akp + (r * s.cg + c) * kAkpSlots;
+    for (int k = 0; k < kAkpSlots; ++k) p[k] = static_cast<T>(src[k]);
+    akp_grad_slice<T>(family[o], p, s.kh, s.kw, 0, 1, g, grad);
+    scalar_t* dst = grad_akp + (r * s.cg + c) * kAkpSlots;
+    for (int k = 0; k < kAkpSlots; ++k) dst[k] = static_cast<scalar_t>(grad[k]);
   });
 }
 
