@@ -52,14 +52,17 @@ void check_akp(const at::Tensor& akp) {
               akp.scalar_type());
 }
 
-// family / row: int32 [C_out] on akp's device.
+void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& akp) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kInt, "acl_fused: ", name, " must be a 1-D int32 tensor, got ",
+              t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.device() == akp.device(), "acl_fused: ", name, " must be on akp's device ", akp.device(), ", got ",
+              t.device());
+}
+
+// family / row: int32 [C_out] on akp's device; returns C_out.
 int64_t check_layout_tensors(const at::Tensor& akp, const at::Tensor& family, const at::Tensor& row) {
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{family, "family"}, {row, "row"}}) {
-    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kInt, "acl_fused: ", name,
-                " must be a 1-D int32 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
-    TORCH_CHECK(t.device() == akp.device(), "acl_fused: ", name, " must be on akp's device ", akp.device(),
-                ", got ", t.device());
-  }
+  check_index_tensor(family, "family", akp);
+  check_index_tensor(row, "row", akp);
   TORCH_CHECK(family.size(0) == row.size(0), "acl_fused: family and row must have the same length, got ",
               family.size(0), " and ", row.size(0));
   return family.size(0);
