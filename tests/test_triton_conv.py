@@ -12,6 +12,9 @@ Shapes are small: without a GPU the kernels run in Triton's interpreter.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -300,3 +303,53 @@ def test_why_not_names_the_missing_piece(monkeypatch):
     assert "TRITON_INTERPRET" in tc.why_not(problem)
     meta = make_problem(akp.to("meta"), layout, case.kernel_size, x.to("meta"), ConvArgs.make())
     assert "meta" in tc.why_not(meta)
+
+
+#: Compiles the three kernels for an H100 (sm_90a) with Triton's own compiler, in a process where
+#: the interpreter is off; prints one line per kernel. argv: x dtype, parameter dtype.
+COMPILE_FOR_SM90 = r"""
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from acl_fused.backends import triton_conv as tc
+
+assert not tc.INTERPRETED
+x_dt, p_dt = getattr(tl, sys.argv[1]), getattr(tl, sys.argv[2])
+synth = tl.float64 if p_dt == tl.float64 else tl.float32
+common = dict(KH=3, KW=3, SYNTH=synth, DOT=x_dt, ACC=tl.float64 if x_dt == tl.float64 else tl.float32,
+              PRECISION="tf32" if x_dt == tl.float32 else "ieee")
+pointer = {"family_ptr": tl.int32, "row_ptr": tl.int32, "akp_ptr": p_dt, "weight_ptr": p_dt, "gakp_ptr": synth,
+           "gweight_ptr": synth}
+short = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32", tl.float64: "fp64", tl.int32: "i32"}
+launches = [
+    (tc._conv_forward_kernel, dict(HAS_PLAIN=True, HAS_ANALYTIC=True, HAS_BIAS=True), tc._GEMM_CONFIGS[0]),
+    (tc._conv_grad_input_kernel, dict(HAS_PLAIN=True, HAS_ANALYTIC=True), tc._GEMM_CONFIGS[0]),
+    (tc._conv_grad_params_kernel, dict(WANT_PLAIN=True, WANT_ANALYTIC=True, BLOCK_O=32, BLOCK_C=32),
+     tc._PARAM_CONFIGS[0]),
+]
+for kernel, flags, config in launches:
+    fn = kernel.fn  # the JITFunction under the autotuner
+    constexprs = dict(common, **flags, **config.kwargs)
+    signature = {name: "constexpr" if name in constexprs else
+                 ("*" + short[pointer.get(name, x_dt)] if name.endswith("_ptr") else "i32") for name in fn.arg_names}
+    triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    print("compiled", fn.__name__)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run for real in the tests above")
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "float32"), ("float64", "float64")],
+                         ids=["f32-tf32", "bf16-autocast", "f64"])
+def test_kernels_compile_for_h100(dtypes):
+    """The interpreter runs the kernels' Python, not Triton's GPU compiler, which has rules of its
+    own (dot operand types, branch result types, float64 dots): compile for sm_90a here."""
+    backend_module()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, *dtypes], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 3

@@ -69,22 +69,33 @@ def _configs(gpu: list[tuple[int, ...]], interpreted: tuple[int, ...], names: tu
     return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the two implicit GEMMs (forward and grad_x).
-# Large BLOCK_M amortizes synthesis (each W element feeds BLOCK_M multiply-adds); the synthesis
-# temporaries are [BLOCK_K, BLOCK_N] tiles (about twenty live at once), so that product is kept
-# at 1-2K elements per 4-8 warps to limit register spills. Untimed guesses for an H100: the
-# autotuner picks per (M, Cg, C_out/g, kernel size).
+# Autotune candidates. Large BLOCK_M amortizes synthesis (each W element feeds BLOCK_M
+# multiply-adds), but the family formulas keep ~20 [BLOCK_K, BLOCK_N] temporaries live, so
+# registers, not shared memory, bound the tiles. Only spill-free candidates are listed: measured
+# compile-only with Triton 3.9 for sm_90a (ptxas -v, 3x3 kernel, mosaic layout; no GPU here, so
+# no timings), registers per thread for float32 (TF32) / float16 dots:
+#   (128, 64, 16, 8 warps) fwd 225 / 191, grad_x 210 / 224     (128, 64, 32, 8 warps) fwd 255 / 255
+#   (128, 32, 16, 4 warps) fwd 254 / 220                      (64, 64, 16, 4 warps)  fwd 235 / 234
+#   (64, 32, 16, 4 warps)  fwd 180 / 168, grad_x 226 (f32)
+# and (64, 32, 16, 8 warps) for float64: 180 (every larger float64 candidate spilled 200-1700 bytes).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages):
 _GEMM_CONFIGS = _configs(
-    [(128, 64, 16, 4, 3), (128, 64, 32, 8, 3), (256, 64, 16, 8, 3), (128, 128, 16, 8, 3),
-     (64, 64, 32, 4, 3), (64, 32, 16, 4, 4), (32, 16, 16, 2, 4)],
+    [(128, 64, 16, 8, 3), (128, 64, 32, 8, 3), (128, 32, 16, 4, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 4),
+     (64, 32, 16, 8, 2)],
     (32, 16, 16, 4, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-# (BLOCK_P, num_warps, num_stages) for the weight-gradient GEMM; its [BLOCK_O, BLOCK_C] tile is
-# fixed on the host (_PARAM_TILE) because the split of the pixel reduction depends on it.
-_PARAM_CONFIGS = _configs([(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 4)], (32, 4, 1),
-                          ("BLOCK_P",))
-_PARAM_TILE = 16 if INTERPRETED else 32
+# Weight-gradient GEMM: (BLOCK_P, num_warps, num_stages). Its [BLOCK_O, BLOCK_C] tile is fixed on
+# the host (_param_tile) because the split of the pixel reduction depends on it. The epilogue's
+# value-and-gradient formulas need 8 warps and no software pipelining to stay spill-free:
+# [32, 32] tiles 229-246 registers (float32 / float16, BLOCK_P 32-128), float64 only at [16, 16]
+# (187-192); 4 warps or 2-3 stages spilled 16-1900 bytes.
+_PARAM_CONFIGS = _configs([(64, 8, 1), (32, 8, 1), (128, 8, 1)], (32, 4, 1), ("BLOCK_P",))
 #: The weight-gradient split is chunked in multiples of every BLOCK_P candidate.
 _P_CHUNK = 128
+
+
+def _param_tile(synth_dtype: torch.dtype) -> int:
+    """BLOCK_O = BLOCK_C of the weight-gradient kernel (see _PARAM_CONFIGS)."""
+    return 16 if INTERPRETED or synth_dtype == torch.float64 else 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +453,7 @@ def _grad_params(grad_y: torch.Tensor, x: torch.Tensor, akp: torch.Tensor, weigh
     n, _, h, w = x.shape
     ho, wo = grad_y.shape[-2:]
     p = n * ho * wo
-    tile = _PARAM_TILE
+    tile = _param_tile(_synth_dtype(akp.dtype))
     splits, per_split = _param_split(
         p, ops.groups * triton.cdiv(ops.cog, tile) * triton.cdiv(ops.cg, tile), x.device)
     # per-split partials in the synthesis dtype; p == 0 launches nothing, so they start at zero
