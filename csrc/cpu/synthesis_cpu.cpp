@@ -28,7 +28,14 @@ int64_t grain(const SynthesisShape& s) { return std::max<int64_t>(1, 4096 / (s.k
 template <typename Fn>
 void for_each_slice(const SynthesisShape& s, const Fn& fn) {
   at::parallel_for(0, s.slices(), grain(s), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) fn(i % s.c_out, i / s.c_out);
+    int64_t o = begin % s.c_out, c = begin / s.c_out;
+    for (int64_t i = begin; i < end; ++i) {
+      fn(o, c);
+      if (++o == s.c_out) {
+        o = 0;
+        ++c;
+      }
+    }
   });
 }
 
