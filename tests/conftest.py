@@ -12,6 +12,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# SPEC §6 holds float32 to 1e-5 with IEEE arithmetic; TF32 (cuDNN's default for convolutions) has
+# its own 5e-3 bound. Tests run IEEE unless they opt into TF32 with the ``tf32`` fixture.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture
+def tf32():
+    """TF32 allowed for convolutions and matmuls (CUDA only), as PyTorch's defaults allow it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
 REQUIRED_BACKENDS = {b for b in os.environ.get("ACL_FUSED_REQUIRE_BACKENDS", "").split(",") if b}
 
 

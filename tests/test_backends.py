@@ -131,6 +131,19 @@ def test_conv_forward_and_grads_match_reference(name, case, dtype):
         assert rel_err(g, g_ref) <= TOL[dtype], f"grad {what}: {rel_err(g, g_ref):.3g}"
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="TF32 needs a CUDA device")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_tf32_float32_within_spec(name, tf32):
+    """SPEC §6: float32 with TF32 allowed (cuDNN's default) within 5e-3 of the float64 oracle."""
+    case = next(c for c in CASES if c.id == "tiles-default20")  # crosses every tile boundary
+    (x, akp, weight, bias), layout = case.params(torch.float32)
+    require(name, conv_problem(layout, case, x, akp))
+    y, grads = run_backend(name, case, torch.float32, x, akp, weight, bias, layout)
+    y_ref, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    assert rel_err(y, y_ref) <= 5e-3
+    assert all(rel_err(g, r) <= 5e-3 for g, r in zip(grads, grads_ref))
+
+
 @pytest.mark.parametrize("kernel_size", [(3, 3), (2, 3), (5, 4), (1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", BACKENDS)
