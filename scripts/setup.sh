@@ -17,7 +17,7 @@ print(" ".join(pkg for mod, pkg in want.items() if importlib.util.find_spec(mod)
 PYEOF
 )
 # Optional tools: an offline machine (e.g. a GPU image without network) goes on without them.
-[ -z "$missing" ] || pip_install $missing || echo "setup: could not install $missing (offline?); continuing" >&2
+for pkg in $missing; do pip_install "$pkg" || echo "setup: could not install $pkg (offline?); continuing" >&2; done
 # --no-build-isolation: build against the torch installed above, without network.
 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation --no-deps -e .
 "$PY" -c "import torch, acl_fused; print(f'acl_fused {acl_fused.__version__} ready: torch {torch.__version__}')"
