@@ -1,16 +1,16 @@
-"""`python -m acl_fused`: correctness smoke check, parameter savings and a timing on this device.
+"""`python -m acl_fused`: correctness smoke check and parameter savings on this device.
 
 1. float64 gradcheck of every runnable backend (interpreted Triton excluded: the test suite covers
    it) against the SPEC, for a mosaic holding all seven families;
 2. per-family parameter counts and savings against nn.Conv2d for 3x3, 5x5, 7x7 kernels;
-3. forward+backward time of a 64->64 3x3 default-layout ACL layer per backend vs nn.Conv2d.
+3. the backend backend="auto" picks here.
+Timings are the benchmarks' job (`python -m benchmarks.throughput`; `make run` runs both).
 """
 from __future__ import annotations
 
 import sys
 
 import torch
-from torch.utils import benchmark
 
 from . import AnalyticConv2d, Family, acl_conv2d, backend_report, dispatch
 from .layout import make_layout
@@ -63,34 +63,11 @@ def parameter_savings() -> None:
     print("\n64->64 3x3 layer, default layout:\n" + str(layer.parameter_report()))
 
 
-def timing(device: torch.device) -> None:
-    print(f"\n== forward+backward, 64->64 3x3 default layout, batch 8, 32x32, float32, {device} ==")
-    torch.manual_seed(0)
-    x = torch.randn(8, 64, 32, 32, device=device, requires_grad=True)
-    acl = AnalyticConv2d(64, 64, 3, padding=1, device=device)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1, device=device)
-
-    def step(fn):
-        fn(x).sum().backward()
-
-    def measure(fn) -> float:
-        return benchmark.Timer("step(fn)", globals={"step": step, "fn": fn}).blocked_autorange(min_run_time=1).median
-
-    base = measure(conv)
-    print(f"  {'nn.Conv2d':<13} {base * 1e3:8.2f} ms  1.00x")
-    for name, reason in runnable_backends(device, torch.float32).items():
-        if reason is None:
-            acl.backend = name
-            t = measure(acl)
-            print(f"  {name:<13} {t * 1e3:8.2f} ms  {t / base:.2f}x nn.Conv2d")
-
-
 def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"acl_fused on {device}, torch {torch.__version__}")
     ok = gradcheck_all(device)
     parameter_savings()
-    timing(device)
     print(f"\nauto picks: {dispatch.select('auto', make_problem(torch.empty(0, device=device), make_layout(None, 64), (3, 3))).__name__}")
     if not ok:
         print("gradcheck FAILED", file=sys.stderr)
