@@ -8,9 +8,7 @@ tile boundaries: C_out 20 > 16, K = Cg*kH*kW up to 72, M = N*H_out*W_out up to 3
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import pytest
 import torch
