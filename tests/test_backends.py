@@ -307,7 +307,7 @@ def test_module_with_backend_matches_reference_module(name):
 def test_double_backward_exact_or_refused(name):
     """The reference (plain autograd) passes gradgradcheck; fast backends do not claim double
     backward, so asking for it raises instead of returning a silently wrong second derivative."""
-    case = Case("dbl", MOSAIC, 2, (3, 3), hw=(5, 5), batch=1)
+    case = Case("dbl", MOSAIC[:8], 1, (3, 2), hw=(4, 3), batch=1)  # every family, small: gradgradcheck
     (x, akp, weight, bias), layout = case.params(torch.float64)
     require(name, conv_problem(layout, case, x, akp))
     if name == "reference":
