@@ -322,6 +322,27 @@ def test_double_backward_exact_or_refused(name):
         g.sum().backward()
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_torch_compile_matches_eager(name):
+    """A compiled AnalyticConv2d (aot_eager: the graphs Inductor would get, without its minutes of
+    compilation here) gives the eager forward and gradients. fullgraph wherever no interpreted
+    Triton kernel runs (those are kept eager on purpose, a graph break each)."""
+    torch.manual_seed(0)
+    layer = AnalyticConv2d(3, 9, 3, padding="same", layout=MOSAIC, backend=name, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=DEVICE)
+    require(name, make_problem(layer.akp, layer.layout, layer.kernel_size, x, ConvArgs.make(padding="same")))
+    interpreted = name.startswith("triton") and DEVICE.type == "cpu"
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=not interpreted)
+    results = []
+    for f in (layer, compiled):
+        layer.zero_grad()
+        y = f(x)
+        y.square().sum().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in layer.parameters()])
+    for eager, comp in zip(*results):
+        assert rel_err(comp, eager) <= TOL[torch.float64]
+
+
 def test_auto_runs_and_unknown_backend_lists_every_reason():
     case = Case("auto", MOSAIC, 3, (3, 3), conv=dict(padding=1))
     (x, akp, weight, bias), layout = case.params(torch.float32)

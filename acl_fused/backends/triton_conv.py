@@ -34,7 +34,6 @@ per program and is amortised over the program's whole pixel range. Depthwise-lik
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -44,19 +43,13 @@ import triton.language as tl
 from ..conv_args import ConvArgs
 from ..layout import Layout
 from ..validation import Problem
-from . import library_conv
+from . import library_conv, triton_synthesis
 from .triton_families import family_value, family_value_and_grads, grid_xy
 
 
-def _interpreter_on() -> bool:
-    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older reads the environment directly
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-#: @triton.jit picks interpreter or compiler when a kernel is decorated, i.e. at this import.
-INTERPRETED = _interpreter_on()
+#: @triton.jit picks interpreter or compiler when a kernel is decorated: the same choice
+#: triton_synthesis's kernels were given at their import.
+INTERPRETED = triton_synthesis.INTERPRETED
 
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
                 torch.float64: tl.float64}
@@ -404,6 +397,7 @@ def _dtypes(x_dtype: torch.dtype, ops: "_Operands") -> dict:
                 PRECISION=_dot_precision(x_dtype))
 
 
+@triton_synthesis.eager_if_interpreted
 def _forward(x: torch.Tensor, ops: _Operands, bias: Optional[torch.Tensor], out_hw: tuple[int, int]) -> torch.Tensor:
     """y [N, C_out, H_out, W_out] in x's dtype and F.conv2d's output memory format."""
     n, _, h, w = x.shape
@@ -425,6 +419,7 @@ def _forward(x: torch.Tensor, ops: _Operands, bias: Optional[torch.Tensor], out_
     return y
 
 
+@triton_synthesis.eager_if_interpreted
 def _grad_input(grad_y: torch.Tensor, x: torch.Tensor, ops: _Operands) -> torch.Tensor:
     """grad_x [N, C_in, H, W] with x's dtype and strides (when dense)."""
     n, _, h, w = x.shape
@@ -444,6 +439,7 @@ def _grad_input(grad_y: torch.Tensor, x: torch.Tensor, ops: _Operands) -> torch.
     return dx
 
 
+@triton_synthesis.eager_if_interpreted
 def _grad_params(grad_y: torch.Tensor, x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor],
                  ops: _Operands, want_akp: bool, want_weight: bool
                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -513,10 +509,6 @@ class TritonACLConv2d(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 def why_not(problem: Problem) -> Optional[str]:
     if problem.conv is None:  # synthesis alone is the "triton" backend's job
-        try:
-            from . import triton_synthesis
-        except ImportError as e:
-            return f"synthesis is delegated to acl_fused.backends.triton_synthesis, which cannot be imported: {e}"
         return triton_synthesis.why_not(problem)
     if problem.device.type == "cpu" and not INTERPRETED:
         return ("Triton kernels need a CUDA device; on CPU they run only under the interpreter "
@@ -530,7 +522,6 @@ def synthesize(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout
                kernel_size: tuple[int, int]) -> torch.Tensor:
     """W [C_out, Cg, kH, kW]: the one-launch Triton synthesis of the "triton" backend (this
     backend never needs W itself)."""
-    from . import triton_synthesis
     return triton_synthesis.synthesize(akp, weight, layout, kernel_size)
 
 

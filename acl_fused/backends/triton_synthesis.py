@@ -144,7 +144,7 @@ def _akp_grad_kernel(akp_ptr, family_ptr, row_ptr, dw_ptr, d_akp_ptr, d_weight_p
 INTERPRETED = type(_synthesize_kernel).__name__ == "InterpretedFunction"
 
 
-def _eager_if_interpreted(fn):
+def eager_if_interpreted(fn):
     """torch.compile captures a Triton launch as a kernel call only for compiled kernels on a GPU;
     an interpreted kernel would be traced as Python (the interpreter itself), so keep it eager."""
     return torch.compiler.disable(fn) if INTERPRETED else fn
@@ -174,7 +174,7 @@ def _tiling(kernel_size: tuple[int, int], tile: int) -> tuple[int, int]:
     return kk_pad, max(1, tile // kk_pad)
 
 
-@_eager_if_interpreted
+@eager_if_interpreted
 def synthesize_weight(akp: torch.Tensor, weight: Optional[torch.Tensor], family_i32: torch.Tensor,
                       row_i32: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
     """W [C_out, Cg, kH, kW] (contiguous, akp's dtype) in one launch; no autograd."""
@@ -192,7 +192,7 @@ def synthesize_weight(akp: torch.Tensor, weight: Optional[torch.Tensor], family_
     return w.to(akp.dtype)
 
 
-@_eager_if_interpreted
+@eager_if_interpreted
 def akp_and_weight_grads(grad_w: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor],
                          family_i32: torch.Tensor, row_i32: torch.Tensor, kernel_size: tuple[int, int],
                          need_akp: bool, need_weight: bool
