@@ -65,6 +65,14 @@ def akp_count(code):
 
 
 @triton.jit
+def _as_dtype_of(a, p1, p2, p3, p4, p5, x, y, inv_area):
+    """The other arguments in ``a``'s dtype: the math runs in it."""
+    dtype = a.dtype
+    return (p1.to(dtype), p2.to(dtype), p3.to(dtype), p4.to(dtype), p5.to(dtype), x.to(dtype), y.to(dtype),
+            inv_area.to(dtype))
+
+
+@triton.jit
 def _terms(code, p1, p2, p3, p4, p5, x, y):
     """Intermediates shared by the value and the gradients. The sigma-like raw AKP is slot 1 for
     LOG (s_sigma) and LOT (s_rho), slot 2 for GABOR/TGD1/TGD2; theta is slot 1."""
@@ -119,15 +127,7 @@ def _shape(code, env1, env2, cos_phase, t_log, u_in, u_out, inv_area):
 @triton.jit
 def family_value(code, a, p1, p2, p3, p4, p5, x, y, inv_area):
     """K of family ``code`` at (x, y) for raw AKPs a, p1..p5 (0 for PLAIN); see the module doc."""
-    dtype = a.dtype
-    p1 = p1.to(dtype)
-    p2 = p2.to(dtype)
-    p3 = p3.to(dtype)
-    p4 = p4.to(dtype)
-    p5 = p5.to(dtype)
-    x = x.to(dtype)
-    y = y.to(dtype)
-    inv_area = inv_area.to(dtype)
+    p1, p2, p3, p4, p5, x, y, inv_area = _as_dtype_of(a, p1, p2, p3, p4, p5, x, y, inv_area)
     (exp_sig, sig, exp_gam, gam, exp_lam, lam, xr, yr, r2, q_gabor, t_log,
      env1, env2, phase, r, u_in, u_out) = _terms(code, p1, p2, p3, p4, p5, x, y)
     return a * _shape(code, env1, env2, tl.cos(phase), t_log, u_in, u_out, inv_area)
@@ -140,16 +140,8 @@ def family_value_and_grads(code, a, p1, p2, p3, p4, p5, x, y, inv_area):
     LOT's kinks follow SPEC §4: a max(0, u) branch contributes only where u > 0 (zero derivative
     at the tie), exactly like torch.relu in the reference.
     """
-    dtype = a.dtype
-    p1 = p1.to(dtype)
-    p2 = p2.to(dtype)
-    p3 = p3.to(dtype)
-    p4 = p4.to(dtype)
-    p5 = p5.to(dtype)
-    x = x.to(dtype)
-    y = y.to(dtype)
-    inv_area = inv_area.to(dtype)
-    two_pi = tl.full([], TWO_PI, dtype)
+    p1, p2, p3, p4, p5, x, y, inv_area = _as_dtype_of(a, p1, p2, p3, p4, p5, x, y, inv_area)
+    two_pi = tl.full([], TWO_PI, a.dtype)
     (exp_sig, sig, exp_gam, gam, exp_lam, lam, xr, yr, r2, q_gabor, t_log,
      env1, env2, phase, r, u_in, u_out) = _terms(code, p1, p2, p3, p4, p5, x, y)
     cos_phase = tl.cos(phase)
