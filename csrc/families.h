@@ -10,7 +10,10 @@
 // so acc[k] ends as Σ g · dK/dp_k over the points visited. finish() is linear: a kernel may split
 // a slice's points over several threads, finish each partial sum, and add the partials.
 // T is the compute type: float (float32 and, for half / bfloat16 parameters, their float32
-// synthesis) or double.
+// synthesis), double, or a SIMD vector of floats holding one slice per lane (the CPU kernels'
+// at::vec::Vectorized<float>: every slice of an output channel has the channel's family, so
+// neighbouring slices run the same code on their own AKPs). The formulas use only arithmetic
+// and the math:: functions below, so the same text serves all three.
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -34,6 +37,27 @@ C10_HOST_DEVICE inline float sin(float v) { return ::sinf(v); }
 C10_HOST_DEVICE inline double sin(double v) { return ::sin(v); }
 C10_HOST_DEVICE inline float sqrt(float v) { return ::sqrtf(v); }
 C10_HOST_DEVICE inline double sqrt(double v) { return ::sqrt(v); }
+// v where u > 0, else 0 (also when u is NaN); v is selected, never multiplied by a mask, so an
+// unselected inf or NaN cannot leak into the result.
+C10_HOST_DEVICE inline float if_positive(float u, float v) { return u > 0.f ? v : 0.f; }
+C10_HOST_DEVICE inline double if_positive(double u, double v) { return u > 0.0 ? v : 0.0; }
+
+// SIMD vectors (host only): any type with at::vec::Vectorized's interface. Overload resolution
+// prefers the exact float / double functions above for scalars.
+template <typename V>
+inline V exp(const V& v) { return v.exp(); }
+template <typename V>
+inline V cos(const V& v) { return v.cos(); }
+template <typename V>
+inline V sin(const V& v) { return v.sin(); }
+template <typename V>
+inline V sqrt(const V& v) { return v.sqrt(); }
+template <typename V>
+inline V if_positive(const V& u, const V& v) { return V::blendv(V(0), v, u > V(0)); }
+
+// max(0, u) for every compute type.
+template <typename T>
+C10_HOST_DEVICE T relu(T u) { return if_positive(u, u); }
 }  // namespace math
 
 // Positive quantity read from a raw value (SPEC §3): q = pos(s) = exp(s) + 1e-3.
@@ -128,16 +152,15 @@ struct LoT {
   Positive<T> rho;
 
   C10_HOST_DEVICE explicit LoT(const T* p) : a(p[0]), rho(p[1]) { two_rho = T(2) * rho.value; }
-  C10_HOST_DEVICE static T relu(T u) { return u > T(0) ? u : T(0); }
   C10_HOST_DEVICE T value(T x, T y) const {
     const T r = math::sqrt(x * x + y * y);
-    return a * (relu(T(1) - r / rho.value) - T(0.25) * relu(T(1) - r / two_rho));
+    return a * (math::relu(T(1) - r / rho.value) - T(0.25) * math::relu(T(1) - r / two_rho));
   }
   C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
     const T r = math::sqrt(x * x + y * y);
     const T inner = T(1) - r / rho.value, outer = T(1) - r / two_rho;
-    acc[0] += g * (relu(inner) - T(0.25) * relu(outer));
-    acc[1] += g * r * ((inner > T(0) ? T(1) : T(0)) - (outer > T(0) ? T(0.125) : T(0)));
+    acc[0] += g * (math::relu(inner) - T(0.25) * math::relu(outer));
+    acc[1] += g * r * (math::if_positive(inner, T(1)) - math::if_positive(outer, T(0.125)));
   }
   C10_HOST_DEVICE void finish(T* acc) const { acc[1] *= a / (rho.value * rho.value) * rho.grow; }
 };
@@ -266,27 +289,40 @@ C10_HOST_DEVICE void for_each_point(int kh, int kw, int first, int step, Fn&& fn
   }
 }
 
+// store(e, K_code(p) at element e) for elements e = first, first + step, ... < kh * kw of one
+// analytic slice (or of one lane-per-slice vector of slices).
+template <typename T, typename Store>
+C10_HOST_DEVICE void synthesize_points(int code, const T* p, int kh, int kw, int first, int step, Store&& store) {
+  visit_family(code, p, kh, kw, [&](const auto& family) {
+    for_each_point<T>(kh, kw, first, step, [&](int e, T x, T y) { store(e, family.value(x, y)); });
+  });
+}
+
+// grad[k] = Σ g(e) · dK_code(p)[e] / dp_k over elements e = first, first + step, ... < kh * kw,
+// for all kAkpSlots slots (unused slots get 0); g(e) gives the weight gradient at element e.
+template <typename T, typename LoadGrad>
+C10_HOST_DEVICE void akp_grad_points(int code, const T* p, int kh, int kw, int first, int step, LoadGrad&& g,
+                                     T* grad) {
+  for (int k = 0; k < kAkpSlots; ++k) grad[k] = T(0);
+  visit_family(code, p, kh, kw, [&](const auto& family) {
+    for_each_point<T>(kh, kw, first, step, [&](int e, T x, T y) { family.add_grad(x, y, g(e), grad); });
+    family.finish(grad);
+  });
+}
+
 // w[e] = K_code(p) at elements e = first, first + step, ... < kh * kw of one analytic slice.
 template <typename T, typename scalar_t>
 C10_HOST_DEVICE void synthesize_slice(int code, const T* p, int kh, int kw, int first, int step,
                                       scalar_t* w) {
-  visit_family(code, p, kh, kw, [&](const auto& family) {
-    for_each_point<T>(kh, kw, first, step,
-                      [&](int e, T x, T y) { w[e] = static_cast<scalar_t>(family.value(x, y)); });
-  });
+  synthesize_points(code, p, kh, kw, first, step, [&](int e, T v) { w[e] = static_cast<scalar_t>(v); });
 }
 
-// grad[k] = Σ g[e] · dK_code(p)[e] / dp_k over elements e = first, first + step, ... < kh * kw,
-// for all kAkpSlots slots (unused slots get 0).
+// grad[k] = Σ g[e] · dK_code(p)[e] / dp_k over elements e = first, first + step, ... < kh * kw
+// of one analytic slice, for all kAkpSlots slots (unused slots get 0).
 template <typename T, typename scalar_t>
 C10_HOST_DEVICE void akp_grad_slice(int code, const T* p, int kh, int kw, int first, int step,
                                     const scalar_t* g, T* grad) {
-  for (int k = 0; k < kAkpSlots; ++k) grad[k] = T(0);
-  visit_family(code, p, kh, kw, [&](const auto& family) {
-    for_each_point<T>(kh, kw, first, step,
-                      [&](int e, T x, T y) { family.add_grad(x, y, static_cast<T>(g[e]), grad); });
-    family.finish(grad);
-  });
+  akp_grad_points(code, p, kh, kw, first, step, [&](int e) { return static_cast<T>(g[e]); }, grad);
 }
 
 }  // namespace acl_fused

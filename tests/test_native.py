@@ -2,14 +2,21 @@
 
 tests/test_backends.py runs the public API against every backend; this file checks what is
 specific to the C++ / CUDA ops: each op against the reference in float64 for every family, odd /
-even / non-square kernels and mosaics mixing all seven families; half / bfloat16 computed in
-float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
+even / non-square kernels and mosaics mixing all seven families; the CPU's float32 SIMD tiles, their
+remainders and their fallback; half / bfloat16 computed in float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
 what the autograd formulas save; double backward refused; the why-not reasons (extension
 missing, built without CUDA, dtype); torch.compile; and, on a GPU, CUDA against CPU.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,6 +169,119 @@ def test_all_analytic_and_all_plain(extension, codes):
     grad_akp, grad_weight = ops.synthesize_backward(grad_w, akp, family, row, [True, True])
     assert grad_akp.shape == akp.shape
     assert grad_weight.shape == (layout.num_plain, 2, 3, 2)
+
+
+# -- CPU SIMD tiles (csrc/cpu/synthesis_avx2.cpp) ------------------------------------------------
+#: Input channels per group around the 8-slice tile: one slice (always run one at a time), a
+#: partial tile, one full tile, a full tile plus a one-slice remainder, two plus one.
+SIMD_CG = [1, 7, 8, 9, 17]
+#: Grid points around the 8-point transpose blocks: 1, 6 (none), 8 (one), 9 and 15 (one plus a
+#: remainder), 16 (two), 20.
+SIMD_KERNELS = [(1, 1), (2, 3), (2, 4), (3, 3), (5, 3), (4, 4), (4, 5)]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def simd_tiles_active() -> bool:
+    """Whether float32 CPU synthesis runs the AVX2 tiles in this process: built into acl_fused._C
+    (x86-64, GCC) and ATen runs its own AVX2 kernels here (a CPU with AVX2 and FMA, and no
+    ATEN_CPU_CAPABILITY=default), the conditions csrc/cpu/synthesis_cpu.cpp checks."""
+    lib = ctypes.CDLL(importlib.import_module("acl_fused._C").__file__)
+    built = hasattr(lib, "_ZN9acl_fused3cpu16kAvx2TileKernelsE")  # acl_fused::cpu::kAvx2TileKernels
+    return built and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@pytest.mark.parametrize("kernel_size", SIMD_KERNELS, ids=str)
+@pytest.mark.parametrize("cg", SIMD_CG)
+def test_float32_simd_tiles_match_reference_per_family(extension, cg, kernel_size):
+    """Every family in full tiles, partial tiles and one-slice remainders, with and without grid
+    points left after the 8-point blocks. Each family's rows of W and each used AKP slot's
+    gradient meet SPEC's float32 bound on their own, so one wrong lane, point or slot cannot hide
+    behind the rest."""
+    codes = list(Family) * 2
+    akp, weight, layout = make_inputs(codes, cg, kernel_size)
+    family, row = layout_args(layout)
+    torch.manual_seed(3)
+    grad_w = torch.randn(len(codes), cg, *kernel_size, dtype=torch.float64)
+    w_ref, grad_akp_ref, _ = reference_grads(akp, weight, layout, kernel_size, grad_w)
+    w = ops.synthesize(akp.float(), weight.float(), family, row, list(kernel_size))
+    grad_akp, grad_weight = ops.synthesize_backward(grad_w.float(), akp.float(), family, row, [True, True])
+    for f in Family:
+        channels = [o for o, code in enumerate(codes) if code == f]
+        assert rel_err(w[channels], w_ref[channels]) <= 1e-5, f.name
+        if f != F_.PLAIN:
+            rows = [layout.row[o] for o in channels]
+            for k in range(AKP_COUNT[f]):
+                assert rel_err(grad_akp[rows, :, k], grad_akp_ref[rows, :, k]) <= 1e-5, f"{f.name} slot {k}"
+    assert torch.all(grad_akp[~used_slots(layout).expand_as(grad_akp)] == 0)
+    assert torch.equal(grad_weight, grad_w.float()[list(layout.plain_channels)])
+
+
+def synthesis_outputs(akp, weight, family, row, grad_w):
+    """(W, grad_akp, grad_weight) of the CPU ops for a 3x3 kernel."""
+    return (ops.synthesize(akp, weight, family, row, [3, 3]),
+            *ops.synthesize_backward(grad_w, akp, family, row, [True, True]))
+
+
+def test_float32_without_simd_runs_one_slice_at_a_time(extension, tmp_path):
+    """ATEN_CPU_CAPABILITY=default turns the SIMD tiles off, as it does ATen's own vector kernels:
+    full tiles then give bitwise what one-channel calls (always one slice at a time) give. With
+    the tiles on, results differ from those in rounding only."""
+    akp, weight, layout = make_inputs(MOSAIC, 9, (3, 3), dtype=torch.float32)
+    family, row = layout_args(layout)
+    torch.manual_seed(4)
+    grad_w = torch.randn(len(MOSAIC), 9, 3, 3)
+    per_slice = [synthesis_outputs(akp[:, c:c + 1], weight[:, c:c + 1], family, row, grad_w[:, c:c + 1])
+                 for c in range(9)]
+    one_at_a_time = [torch.cat(parts, dim=1) for parts in zip(*per_slice)]
+
+    inputs, outputs = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
+    torch.save((akp, weight, family, row, grad_w), inputs)
+    script = ("import sys, torch\n"
+              "from acl_fused.backends import native\n"
+              "from test_native import synthesis_outputs\n"
+              "torch.save(synthesis_outputs(*torch.load(sys.argv[1])), sys.argv[2])\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", script, str(inputs), str(outputs)], env=env, check=True)
+    for what, fallback, expected in zip(("W", "grad_akp", "grad_weight"), torch.load(outputs), one_at_a_time):
+        assert torch.equal(fallback, expected), what
+
+    here = synthesis_outputs(akp, weight, family, row, grad_w)
+    assert torch.equal(here[2], one_at_a_time[2])  # plain rows are copied either way
+    w_ref, grad_akp_ref, _ = reference_grads(akp, weight, layout, (3, 3), grad_w)
+    for out in (here, one_at_a_time):
+        assert rel_err(out[0], w_ref) <= 1e-5 and rel_err(out[1], grad_akp_ref) <= 1e-5
+    if simd_tiles_active():
+        assert not torch.equal(here[0], one_at_a_time[0]), "the SIMD tiles did not run"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 tiles are built on x86-64 only")
+def test_avx2_object_shares_no_code_with_the_rest(tmp_path):
+    """synthesis_avx2.cpp is compiled for AVX2 in an extension that must load and run on any
+    x86-64 CPU. Every symbol its object exports is its own kernel table or in ATen's at::vec::AVX2
+    namespace: no inline function shared with the other objects, which the linker could pick for
+    code that runs without AVX2. Its static initialiser, run at load time on any CPU, has no
+    VEX-encoded (AVX) instruction."""
+    tools = {name: shutil.which(name) for name in ("g++", "nm", "objdump")}
+    if None in tools.values():
+        pytest.skip(f"needs g++ and binutils to inspect the object; missing: {[n for n, p in tools.items() if not p]}")
+    from torch.utils import cpp_extension
+
+    obj = tmp_path / "synthesis_avx2.o"
+    include = [f"-I{p}" for p in [REPO / "csrc", *cpp_extension.include_paths()]]
+    subprocess.run([tools["g++"], "-std=c++17", "-O3", "-fPIC", *include, "-c", str(REPO / "csrc/cpu/synthesis_avx2.cpp"),
+                    "-o", str(obj)], check=True, capture_output=True)
+    symbols = subprocess.run([tools["nm"], "--defined-only", "--extern-only", "-C", str(obj)], check=True,
+                             capture_output=True, text=True).stdout.splitlines()
+    names = [line.split(" ", 2)[2] for line in symbols if line.strip()]
+    assert "acl_fused::cpu::kAvx2TileKernels" in names
+    assert [n for n in names if n != "acl_fused::cpu::kAvx2TileKernels" and "at::vec::AVX2::" not in n] == []
+    disassembly = subprocess.run([tools["objdump"], "-d", "--no-show-raw-insn", str(obj)], check=True,
+                                 capture_output=True, text=True).stdout
+    initialisers = [block for block in disassembly.split("\n\n") if "<_GLOBAL__sub_I_" in block]
+    mnemonics = [line.split("\t")[1].split()[0] for block in initialisers for line in block.splitlines()
+                 if line.count("\t") >= 1 and ":" in line.split("\t")[0]]
+    assert [m for m in mnemonics if m.startswith("v")] == []
 
 
 # -- argument checks -----------------------------------------------------------------------------

@@ -1,82 +1,129 @@
-// CPU kernels of acl_fused::synthesize / synthesize_backward: at::parallel_for over the
-// (o, c) slices of W, each slice done start to finish by one thread (no reduction across
-// threads). Also registers the acl_conv2d composite for CPU.
+// CPU kernels of acl_fused::synthesize / synthesize_backward: at::parallel_for over tiles of up
+// to `width` consecutive slices (o, c0), (o, c0 + 1), ... of one output channel, each tile done
+// start to finish by one thread (no reduction across threads). float32 tiles of an analytic
+// channel run the SIMD tile kernels (tile_kernels.h, one lane per slice) where the CPU has them;
+// float64, and float32 without them, run families.h one slice at a time. half / bfloat16 are
+// computed in float32 and rounded once. Also registers the acl_conv2d composite for CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "cpu/tile_kernels.h"
 #include "families.h"
 #include "ops.h"
 
 namespace acl_fused {
 namespace {
 
-// Slices per parallel_for chunk: ~4k grid points, enough to amortise a task.
-int64_t grain(const SynthesisShape& s) { return std::max<int64_t>(1, 4096 / (s.kh * s.kw)); }
+using cpu::TileKernels;
 
-// Runs fn(o, c) over all (o, c) slices. at::parallel_for gives each thread one contiguous range
-// of the iteration space, and layouts put families in blocks of output channels (default: plain
-// first), so slices are visited with o fastest: every thread gets the same mix of families. In
-// (o, c) order one thread would copy the plain rows while the other computed every analytic one
-// (measured: no speed-up from 2 threads on AnalyticConv2d(256, 256, 3)'s default layout).
+// The SIMD tile kernels this CPU can run, or nullptr. ATen's CPU capability is honoured too, so
+// ATEN_CPU_CAPABILITY=default turns them off as it does ATen's own vector kernels.
+const TileKernels* simd_tile_kernels() {
+#if defined(ACL_FUSED_HAVE_AVX2_TILES)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           at::get_cpu_capability() != "DEFAULT";
+  return avx2 ? &cpu::kAvx2TileKernels : nullptr;
+#else
+  return nullptr;
+#endif
+}
+
+// Tiles narrower than this run one slice at a time (measured: one vector of 8 slices costs ~1.5
+// scalar slices).
+constexpr int kMinSimdLanes = 2;
+
+// Tiles per parallel_for chunk: ~4k grid points, enough to amortise a task.
+int64_t grain(const SynthesisShape& s, int64_t width) {
+  return std::max<int64_t>(1, 4096 / (s.kh * s.kw * width));
+}
+
+// Runs fn(o, c0, n) over tiles: slices (o, c0) ... (o, c0 + n - 1), n = min(width, cg - c0), which
+// cover every slice once. at::parallel_for gives each thread one contiguous range of tiles, and
+// layouts put families in blocks of output channels (default: plain first), so tiles are visited
+// with o fastest: every thread gets the same mix of families. In (o, c) order one thread would
+// copy the plain rows while the other computed every analytic one (measured: no speed-up from 2
+// threads on AnalyticConv2d(256, 256, 3)'s default layout).
 template <typename Fn>
-void for_each_slice(const SynthesisShape& s, const Fn& fn) {
-  at::parallel_for(0, s.slices(), grain(s), [&](int64_t begin, int64_t end) {
-    int64_t o = begin % s.c_out, c = begin / s.c_out;
+void for_each_tile(const SynthesisShape& s, int64_t width, const Fn& fn) {
+  const int64_t tiles_per_channel = (s.cg + width - 1) / width;
+  at::parallel_for(0, s.c_out * tiles_per_channel, grain(s, width), [&](int64_t begin, int64_t end) {
+    int64_t o = begin % s.c_out, c0 = begin / s.c_out * width;
     for (int64_t i = begin; i < end; ++i) {
-      fn(o, c);
+      fn(o, c0, std::min(width, s.cg - c0));
       if (++o == s.c_out) {
         o = 0;
-        ++c;
+        c0 += width;
       }
     }
   });
 }
 
-template <typename scalar_t>
-void synthesize_slices(const SynthesisShape& s, const scalar_t* akp, const scalar_t* weight, const int* family,
-                       const int* row, scalar_t* out) {
-  using T = at::opmath_type<scalar_t>;
-  const int64_t kk = s.kh * s.kw;
-  for_each_slice(s, [&](int64_t o, int64_t c) {
+// The SIMD kernels for compute type T (float only), or nullptr.
+template <typename T>
+const TileKernels* tile_kernels_for() {
+  return std::is_same_v<T, float> ? simd_tile_kernels() : nullptr;
+}
+
+// T: float or double, the compute type (half / bfloat16 arrive as float).
+template <typename T>
+void synthesize_tiles(const SynthesisShape& s, const T* akp, const T* weight, const int* family, const int* row,
+                      T* out) {
+  const TileKernels* simd = tile_kernels_for<T>();
+  const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
+  for_each_tile(s, simd != nullptr ? simd->width : 1, [&](int64_t o, int64_t c0, int64_t n) {
     const int64_t r = row[o];
-    scalar_t* w = out + (o * s.cg + c) * kk;
+    T* w = out + (o * s.cg + c0) * kk;
     if (family[o] == kPlain) {
-      std::copy_n(weight + (r * s.cg + c) * kk, kk, w);
+      std::copy_n(weight + (r * s.cg + c0) * kk, n * kk, w);
       return;
     }
-    T p[kAkpSlots];
-    const scalar_t* src = akp + (r * s.cg + c) * kAkpSlots;
-    for (int k = 0; k < kAkpSlots; ++k) p[k] = static_cast<T>(src[k]);
-    synthesize_slice<T>(family[o], p, s.kh, s.kw, 0, 1, w);
+    const T* p = akp + (r * s.cg + c0) * kAkpSlots;
+    if constexpr (std::is_same_v<T, float>) {
+      if (simd != nullptr && n >= kMinSimdLanes) {
+        simd->synthesize(family[o], p, static_cast<int>(n), kh, kw, w);
+        return;
+      }
+    }
+    for (int64_t l = 0; l < n; ++l) synthesize_slice<T>(family[o], p + l * kAkpSlots, kh, kw, 0, 1, w + l * kk);
   });
 }
 
-template <typename scalar_t>
-void akp_grad_slices(const SynthesisShape& s, const scalar_t* grad_w, const scalar_t* akp, const int* family,
-                     const int* row, scalar_t* grad_akp, scalar_t* grad_weight) {
-  using T = at::opmath_type<scalar_t>;
-  const int64_t kk = s.kh * s.kw;
-  for_each_slice(s, [&](int64_t o, int64_t c) {
+// grad_akp / grad_weight are null when not asked for.
+template <typename T>
+void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, const T* akp, const int* family, const int* row,
+                    T* grad_akp, T* grad_weight) {
+  const TileKernels* simd = tile_kernels_for<T>();
+  const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
+  for_each_tile(s, simd != nullptr ? simd->width : 1, [&](int64_t o, int64_t c0, int64_t n) {
     const int64_t r = row[o];
-    const scalar_t* g = grad_w + (o * s.cg + c) * kk;
+    const T* g = grad_w + (o * s.cg + c0) * kk;
     if (family[o] == kPlain) {
-      if (grad_weight != nullptr) std::copy_n(g, kk, grad_weight + (r * s.cg + c) * kk);
+      if (grad_weight != nullptr) std::copy_n(g, n * kk, grad_weight + (r * s.cg + c0) * kk);
       return;
     }
     if (grad_akp == nullptr) return;
-    T p[kAkpSlots], grad[kAkpSlots];
-    const scalar_t* src = akp + (r * s.cg + c) * kAkpSlots;
-    for (int k = 0; k < kAkpSlots; ++k) p[k] = static_cast<T>(src[k]);
-    akp_grad_slice<T>(family[o], p, s.kh, s.kw, 0, 1, g, grad);
-    scalar_t* dst = grad_akp + (r * s.cg + c) * kAkpSlots;
-    for (int k = 0; k < kAkpSlots; ++k) dst[k] = static_cast<scalar_t>(grad[k]);
+    const T* p = akp + (r * s.cg + c0) * kAkpSlots;
+    T* dst = grad_akp + (r * s.cg + c0) * kAkpSlots;
+    if constexpr (std::is_same_v<T, float>) {
+      if (simd != nullptr && n >= kMinSimdLanes) {
+        simd->akp_grad(family[o], p, g, static_cast<int>(n), kh, kw, dst);
+        return;
+      }
+    }
+    for (int64_t l = 0; l < n; ++l) {
+      T grad[kAkpSlots];
+      akp_grad_slice<T>(family[o], p + l * kAkpSlots, kh, kw, 0, 1, g + l * kk, grad);
+      std::copy_n(grad, kAkpSlots, dst + l * kAkpSlots);
+    }
   });
 }
 
@@ -84,16 +131,17 @@ at::Tensor synthesize_cpu(const at::Tensor& akp, const std::optional<at::Tensor>
                           const at::Tensor& row, at::IntArrayRef kernel_size) {
   const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
   check_layout_values(family, row, s);
-  const at::Tensor akp_c = akp.contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
-  const at::Tensor weight_c = weight.has_value() ? weight->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({s.c_out, s.cg, s.kh, s.kw}, akp.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, akp.scalar_type(), "acl_fused::synthesize", [&] {
-    synthesize_slices<scalar_t>(s, akp_c.const_data_ptr<scalar_t>(),
-                                weight_c.defined() ? weight_c.const_data_ptr<scalar_t>() : nullptr,
-                                family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
-                                out.mutable_data_ptr<scalar_t>());
+  const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
+  const at::Tensor akp_c = akp.to(compute).contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
+  const at::Tensor weight_c = weight.has_value() ? weight->to(compute).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({s.c_out, s.cg, s.kh, s.kw}, akp.options().dtype(compute));
+  AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize", [&] {
+    synthesize_tiles<scalar_t>(s, akp_c.const_data_ptr<scalar_t>(),
+                               weight_c.defined() ? weight_c.const_data_ptr<scalar_t>() : nullptr,
+                               family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
+                               out.mutable_data_ptr<scalar_t>());
   });
-  return out;
+  return out.to(akp.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& grad_W, const at::Tensor& akp,
@@ -101,18 +149,21 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
                                                            std::array<bool, 2> output_mask) {
   const SynthesisShape s = check_synthesize_backward_args(grad_W, akp, family, row);
   check_layout_values(family, row, s);
-  const at::Tensor grad_c = grad_W.to(akp.scalar_type()).contiguous();
-  const at::Tensor akp_c = akp.contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
-  at::Tensor grad_akp = output_mask[0] ? at::empty_like(akp_c) : at::empty({0}, akp.options());
+  // grad_W is taken in akp's dtype first, as on CUDA.
+  const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
+  const at::Tensor grad_c = grad_W.to(akp.scalar_type()).to(compute).contiguous();
+  const at::Tensor akp_c = akp.to(compute).contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
+  const at::TensorOptions options = akp.options().dtype(compute);
+  at::Tensor grad_akp = output_mask[0] ? at::empty_like(akp_c) : at::empty({0}, options);
   at::Tensor grad_weight =
-      output_mask[1] ? at::empty({s.num_plain, s.cg, s.kh, s.kw}, akp.options()) : at::empty({0}, akp.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, akp.scalar_type(), "acl_fused::synthesize_backward", [&] {
-    akp_grad_slices<scalar_t>(s, grad_c.const_data_ptr<scalar_t>(), akp_c.const_data_ptr<scalar_t>(),
-                              family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
-                              output_mask[0] ? grad_akp.mutable_data_ptr<scalar_t>() : nullptr,
-                              output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr);
+      output_mask[1] ? at::empty({s.num_plain, s.cg, s.kh, s.kw}, options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize_backward", [&] {
+    akp_grad_tiles<scalar_t>(s, grad_c.const_data_ptr<scalar_t>(), akp_c.const_data_ptr<scalar_t>(),
+                             family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
+                             output_mask[0] ? grad_akp.mutable_data_ptr<scalar_t>() : nullptr,
+                             output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr);
   });
-  return {grad_akp, grad_weight};
+  return {grad_akp.to(akp.scalar_type()), grad_weight.to(akp.scalar_type())};
 }
 
 }  // namespace

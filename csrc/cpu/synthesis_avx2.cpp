@@ -1,0 +1,153 @@
+// AVX2 + FMA tile kernels (tile_kernels.h): 8 slices per tile, one per lane of
+// at::vec::Vectorized<float>, whose exp / cos / sin are SLEEF's (from libtorch_cpu; within a few
+// ulp, like libm's). The families.h formulas run unchanged on the vectors.
+//
+// Data movement: a tile's AKPs are [8 lanes, 6 slots] and its weights [8 lanes, kk points] in
+// memory, while the formulas want one vector per slot and per point (8 lanes each). Full tiles
+// convert with 8x8 register transposes: 8 points are evaluated, transposed and stored as 8 rows;
+// the last kk % 8 points, and tiles of fewer than 8 slices, go through a small buffer lane by lane.
+// Measured on AnalyticConv2d(256, 256, 3)'s default layout (1 thread): lane-by-lane scatter for
+// every point cost ~40% of the synthesis.
+//
+// setup.py compiles every source with the same flags, so this file asks for AVX2 + FMA itself,
+// with a target pragma opened before any include that has code: ATen's vector headers and
+// families.h are compiled for AVX2 here and nowhere else. Nothing compiled here may be linked into
+// code that runs without AVX2: ATen puts its vector code in the namespace at::vec::AVX2
+// (CPU_CAPABILITY below), everything else here is a template on that vector type or in an
+// anonymous namespace (tests/test_native.py checks the object's symbols), and synthesis_cpu.cpp
+// calls the entry points only after checking the CPU.
+#include "cpu/tile_kernels.h"
+
+#if defined(ACL_FUSED_HAVE_AVX2_TILES)
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// g++ preprocesses the whole file before it parses the pragma, so it does not define the feature
+// macros that -mavx2 -mfma would; sleef.h declares its 8-lane functions only under them.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+// GCC compiles the function-pointer thunk of a lambda in ATen's bfloat16 vectors without the
+// target pragma and warns that its ABI differs; nothing here uses it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include <ATen/cpu/vec/vec.h>
+#pragma GCC diagnostic pop
+
+#include "families.h"
+
+namespace acl_fused {
+namespace cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kLanes = Vec::size();
+static_assert(kLanes == 8, "AVX2 float vectors have 8 lanes");
+
+// r[i][j] <- r[j][i].
+inline void transpose8x8(__m256 (&r)[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      s[4 * i + 2 * h] = _mm256_shuffle_ps(t[4 * i + h], t[4 * i + h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      s[4 * i + 2 * h + 1] = _mm256_shuffle_ps(t[4 * i + h], t[4 * i + h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+  }
+}
+
+// Lanes [0, 6) from p[0..5], lanes 6 and 7 zero: one row of kAkpSlots values without reading past it.
+inline __m256 load_slots(const float* p) {
+  const __m128 low = _mm_loadu_ps(p);
+  const __m128 high = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p + 4)));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
+}
+
+// p[k] = slot k of every lane's AKPs; akp is [lanes, kAkpSlots]. Lanes past `lanes` get zero
+// AKPs, which give finite kernels (pos(0) > 0); their results are dropped.
+void load_akp(const float* akp, int lanes, Vec* p) {
+  __m256 rows[kLanes];
+  for (int l = 0; l < kLanes; ++l) rows[l] = l < lanes ? load_slots(akp + l * kAkpSlots) : _mm256_setzero_ps();
+  transpose8x8(rows);
+  for (int k = 0; k < kAkpSlots; ++k) p[k] = rows[k];
+}
+
+// grad_akp [lanes, kAkpSlots] = lane l of grad[0..5].
+void store_akp_grad(const Vec* grad, int lanes, float* grad_akp) {
+  __m256 rows[kLanes];
+  for (int k = 0; k < kLanes; ++k) rows[k] = k < kAkpSlots ? __m256(grad[k]) : _mm256_setzero_ps();
+  transpose8x8(rows);
+  for (int l = 0; l < lanes; ++l) {
+    float* dst = grad_akp + l * kAkpSlots;
+    _mm_storeu_ps(dst, _mm256_castps256_ps128(rows[l]));
+    _mm_store_sd(reinterpret_cast<double*>(dst + 4), _mm_castps_pd(_mm256_extractf128_ps(rows[l], 1)));
+  }
+}
+
+void synthesize_avx2(int code, const float* akp, int lanes, int kh, int kw, float* w) {
+  Vec p[kAkpSlots];
+  load_akp(akp, lanes, p);
+  const int kk = kh * kw, full_blocks_end = lanes == kLanes ? kk / kLanes * kLanes : 0;
+  __m256 block[kLanes];  // point-vectors e - e % 8 ... e
+  synthesize_points(code, p, kh, kw, 0, 1, [&](int e, const Vec& v) {
+    if (e < full_blocks_end) {
+      block[e % kLanes] = v;
+      if (e % kLanes == kLanes - 1) {
+        transpose8x8(block);  // block[l]: points e - 7 ... e of lane l
+        for (int l = 0; l < kLanes; ++l) _mm256_storeu_ps(w + l * kk + e - (kLanes - 1), block[l]);
+      }
+    } else {
+      alignas(32) float lane[kLanes];
+      v.store(lane);
+      for (int l = 0; l < lanes; ++l) w[l * kk + e] = lane[l];
+    }
+  });
+}
+
+void akp_grad_avx2(int code, const float* akp, const float* grad_w, int lanes, int kh, int kw, float* grad_akp) {
+  Vec p[kAkpSlots], grad[kAkpSlots];
+  load_akp(akp, lanes, p);
+  const int kk = kh * kw, full_blocks_end = lanes == kLanes ? kk / kLanes * kLanes : 0;
+  __m256 block[kLanes];  // point-vectors e - e % 8 ... e - e % 8 + 7
+  const auto load_grad = [&](int e) -> Vec {
+    if (e < full_blocks_end) {
+      if (e % kLanes == 0) {
+        for (int l = 0; l < kLanes; ++l) block[l] = _mm256_loadu_ps(grad_w + l * kk + e);
+        transpose8x8(block);  // block[j]: point e + j of every lane
+      }
+      return block[e % kLanes];
+    }
+    alignas(32) float lane[kLanes] = {};
+    for (int l = 0; l < lanes; ++l) lane[l] = grad_w[l * kk + e];
+    return Vec::loadu(lane);
+  };
+  akp_grad_points(code, p, kh, kw, 0, 1, load_grad, grad);
+  store_akp_grad(grad, lanes, grad_akp);
+}
+
+}  // namespace
+
+extern const TileKernels kAvx2TileKernels{kLanes, &synthesize_avx2, &akp_grad_avx2};
+
+}  // namespace cpu
+}  // namespace acl_fused
+
+#pragma GCC pop_options
+
+#endif  // ACL_FUSED_HAVE_AVX2_TILES
