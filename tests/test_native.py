@@ -2,8 +2,9 @@
 
 tests/test_backends.py runs the public API against every backend; this file checks what is
 specific to the C++ / CUDA ops: each op against the reference in float64 for every family, odd /
-even / non-square kernels and mosaics mixing all seven families; the CPU's float32 SIMD tiles, their
-remainders and their fallback; half / bfloat16 computed in float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
+even / non-square kernels and mosaics mixing all seven families; the CPU's float32 SIMD tiles,
+their remainders, their fallback and the AVX2 object's symbols; half / bfloat16 computed in
+float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
 what the autograd formulas save; double backward refused; the why-not reasons (extension
 missing, built without CUDA, dtype); torch.compile; and, on a GPU, CUDA against CPU.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import inspect
 import os
 import platform
 import shutil
@@ -237,11 +239,12 @@ def test_float32_without_simd_runs_one_slice_at_a_time(extension, tmp_path):
     inputs, outputs = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
     torch.save((akp, weight, family, row, grad_w), inputs)
     script = ("import sys, torch\n"
-              "from acl_fused.backends import native\n"
-              "from test_native import synthesis_outputs\n"
-              "torch.save(synthesis_outputs(*torch.load(sys.argv[1])), sys.argv[2])\n")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+              "from acl_fused.backends import native  # registers the ops\n"
+              "akp, weight, family, row, grad_w = torch.load(sys.argv[1])\n"
+              "ops = torch.ops.acl_fused\n"
+              "torch.save((ops.synthesize(akp, weight, family, row, [3, 3]),\n"
+              "            *ops.synthesize_backward(grad_w, akp, family, row, [True, True])), sys.argv[2])\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     subprocess.run([sys.executable, "-c", script, str(inputs), str(outputs)], env=env, check=True)
     for what, fallback, expected in zip(("W", "grad_akp", "grad_weight"), torch.load(outputs), one_at_a_time):
         assert torch.equal(fallback, expected), what
@@ -269,8 +272,10 @@ def test_avx2_object_shares_no_code_with_the_rest(tmp_path):
 
     obj = tmp_path / "synthesis_avx2.o"
     include = [f"-I{p}" for p in [REPO / "csrc", *cpp_extension.include_paths()]]
-    subprocess.run([tools["g++"], "-std=c++17", "-O3", "-fPIC", *include, "-c", str(REPO / "csrc/cpu/synthesis_avx2.cpp"),
-                    "-o", str(obj)], check=True, capture_output=True)
+    # The C++ standard torch's extension builds use (as scripts/compile_cuda_objects.sh).
+    std = "c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "c++17"
+    subprocess.run([tools["g++"], f"-std={std}", "-O3", "-fPIC", *include, "-c",
+                    str(REPO / "csrc/cpu/synthesis_avx2.cpp"), "-o", str(obj)], check=True, capture_output=True)
     symbols = subprocess.run([tools["nm"], "--defined-only", "--extern-only", "-C", str(obj)], check=True,
                              capture_output=True, text=True).stdout.splitlines()
     names = [line.split(" ", 2)[2] for line in symbols if line.strip()]
