@@ -6,8 +6,9 @@
 // memory, while the formulas want one vector per slot and per point (8 lanes each). Full tiles
 // convert with 8x8 register transposes: 8 points are evaluated, transposed and stored as 8 rows;
 // the last kk % 8 points, and tiles of fewer than 8 slices, go through a small buffer lane by lane.
-// Measured on AnalyticConv2d(256, 256, 3)'s default layout (1 thread): lane-by-lane scatter for
-// every point cost ~40% of the synthesis.
+// Measured against lane by lane for every point (1 thread, AnalyticConv2d(256, 256, 3)):
+// synthesize_backward 1.48 -> 1.04 ms on the default layout, 4.1 -> 3.0 ms with half Gabor, half
+// TGD1; an all-MEAN synthesize (no transcendentals) 0.70 -> 0.31 ms.
 //
 // setup.py compiles every source with the same flags, so this file asks for AVX2 + FMA itself,
 // with a target pragma opened before any include that has code: ATen's vector headers and
