@@ -34,3 +34,11 @@ def skip_or_fail_unavailable(backend: str, reason: str) -> None:
     if backend in REQUIRED_BACKENDS:
         pytest.fail(f"backend {backend!r} is required (ACL_FUSED_REQUIRE_BACKENDS) but cannot run: {reason}")
     pytest.skip(f"backend {backend!r} cannot run here: {reason}")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64, SPEC §6's measure (the plain norm of the error when ref
+    is zero, so two empty or zero tensors agree)."""
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)

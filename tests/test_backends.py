@@ -18,7 +18,7 @@ from acl_fused import AnalyticConv2d, BackendUnavailable, Family, acl_conv2d, di
 from acl_fused.conv_args import ConvArgs
 from acl_fused.layout import Layout, make_layout
 from acl_fused.validation import make_problem
-from conftest import skip_or_fail_unavailable
+from conftest import rel_err, skip_or_fail_unavailable
 
 #: The reference runs the suite too: its float32, low-precision and empty-batch behaviour is a
 #: contract of its own, and it checks that the harness itself agrees with the oracle.
@@ -28,13 +28,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F_ = Family
 #: Every family, in no particular order, two of some (rows of one family are not contiguous).
 MOSAIC = [F_.TGD2, F_.PLAIN, F_.GABOR, F_.MEAN, F_.LOG, F_.PLAIN, F_.LOT, F_.TGD1, F_.GABOR]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (SPEC §6); 0 for two empty tensors."""
-    out, ref = out.double(), ref.double()
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

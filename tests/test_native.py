@@ -29,7 +29,7 @@ from acl_fused.conv_args import ConvArgs
 from acl_fused.families import AKP_COUNT
 from acl_fused.layout import Layout
 from acl_fused.validation import Problem, make_problem
-from conftest import skip_or_fail_unavailable
+from conftest import rel_err, skip_or_fail_unavailable
 
 F_ = Family
 #: All seven families, interleaved, two of some (rows of one family are not contiguous).
@@ -46,11 +46,6 @@ def extension():
     """Skips (or fails, where CI requires the backend) when acl_fused._C is not built."""
     if native.EXTENSION_ERROR is not None:
         skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return (out - ref).norm().item() / max(ref.norm().item(), 1e-300)
 
 
 def make_inputs(codes, cg: int, kernel_size, dtype=torch.float64, device="cpu", seed: int = 0):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from acl_fused import AKP_COUNT, Family, reference
 from acl_fused.families import ANALYTIC_FAMILIES, POS_EPS, pos
 from acl_fused.layout import Layout
+from conftest import rel_err
 
 KERNELS = [(3, 3), (4, 4), (5, 5), (3, 5), (4, 3), (1, 1), (2, 7)]
 
@@ -473,10 +474,6 @@ def test_batch_zero():
     y.sum().backward()
     assert torch.all(akp.grad == 0) and torch.all(weight.grad == 0) and torch.all(bias.grad == 0)
     assert x.grad.shape == x.shape
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def test_float32_within_1e_5_of_float64():

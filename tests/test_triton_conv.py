@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 from acl_fused import AnalyticConv2d, Family, acl_conv2d, dispatch
 from acl_fused.conv_args import ConvArgs
 from acl_fused.validation import make_problem
-from conftest import skip_or_fail_unavailable
+from conftest import rel_err, skip_or_fail_unavailable
 
 NAME = "triton_fused"
 F_ = Family
@@ -39,12 +39,6 @@ def backend_module():
         return importlib.import_module(dispatch.BACKENDS[NAME].module)
     except ImportError as e:
         skip_or_fail_unavailable(NAME, str(e))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
 @dataclass
