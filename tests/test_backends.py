@@ -8,63 +8,30 @@ tile boundaries: C_out 20 > 16, K = Cg*kH*kW up to 72, M = N*H_out*W_out up to 3
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from acl_fused import AnalyticConv2d, BackendUnavailable, Family, acl_conv2d, dispatch, reference, synthesize
 from acl_fused.conv_args import ConvArgs
-from acl_fused.layout import Layout, make_layout
+from acl_fused.layout import make_layout
 from acl_fused.validation import make_problem
+from acl_cases import DEVICE, TOL, Case
 from conftest import rel_err, skip_or_fail_unavailable
 
 #: The reference runs the suite too: its float32, low-precision and empty-batch behaviour is a
 #: contract of its own, and it checks that the harness itself agrees with the oracle.
 BACKENDS = list(dispatch.BACKENDS)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 F_ = Family
 #: Every family, in no particular order, two of some (rows of one family are not contiguous).
 MOSAIC = [F_.TGD2, F_.PLAIN, F_.GABOR, F_.MEAN, F_.LOG, F_.PLAIN, F_.LOT, F_.TGD1, F_.GABOR]
 
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
 def require(name: str, problem) -> None:
     reason = dispatch.why_not(name, problem)
     if reason is not None:
         skip_or_fail_unavailable(name, reason)
-
-
-@dataclass
-class Case:
-    """One acl_conv2d call: layout, C_in, kernel, input size and nn.Conv2d arguments."""
-
-    id: str
-    layout: list
-    c_in: int
-    kernel_size: tuple[int, int]
-    hw: tuple[int, int] = (9, 8)
-    batch: int = 2
-    conv: dict = field(default_factory=dict)
-    bias: bool = True
-
-    def params(self, dtype: torch.dtype, seed: int = 0):
-        """(x, akp, weight, bias) in ``dtype`` on DEVICE: initialised as the module does, then
-        perturbed so that AKPs are generic (no family sits at its initial symmetric point)."""
-        torch.manual_seed(seed)
-        groups = self.conv.get("groups", 1)
-        m = AnalyticConv2d(self.c_in, len(self.layout), self.kernel_size, bias=self.bias, layout=self.layout,
-                           dtype=torch.float64, **self.conv)
-        akp = m.akp.detach() + 0.2 * torch.randn_like(m.akp)
-        weight = None if m.weight is None else m.weight.detach()
-        bias = None if m.bias is None else m.bias.detach()
-        x = torch.randn(self.batch, self.c_in, *self.hw, dtype=torch.float64)
-        assert self.c_in % groups == 0
-        return tuple(None if t is None else t.to(device=DEVICE, dtype=dtype) for t in (x, akp, weight, bias)), m.layout
 
 
 CASES = [
@@ -81,38 +48,14 @@ CASES = [
 ]
 
 
-def run_backend(name: str, case: Case, dtype: torch.dtype, x, akp, weight, bias, layout: Layout):
-    """Forward with backend ``name``; returns (y, grads of x/akp/weight/bias for a fixed random
-    output gradient, None where the input is absent)."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, akp, weight, bias)]
-    y = acl_conv2d(leaves[0], leaves[1], leaves[2], layout, leaves[3], kernel_size=case.kernel_size,
-                   backend=name, **case.conv)
-    torch.manual_seed(1)
-    g = torch.randn(y.shape, dtype=torch.float64, device=y.device).to(y.dtype)
-    present = [t for t in leaves if t is not None]
-    # An all-plain layout's empty akp takes no part in the graph: its gradient is an empty zero.
-    grads = iter(torch.autograd.grad(y, present, g, allow_unused=True, materialize_grads=True))
-    return y, [None if t is None else next(grads) for t in leaves]
-
-
-def reference_result(case: Case, x, akp, weight, bias, layout: Layout):
-    """The oracle in float64 on the same values."""
-    as64 = [None if t is None else t.double() for t in (x, akp, weight, bias)]
-    return run_backend("reference", case, torch.float64, *as64, layout)
-
-
-def conv_problem(layout, case, x, akp):
-    return make_problem(akp, layout, case.kernel_size, x, ConvArgs.make(**case.conv))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("name", BACKENDS)
 def test_conv_forward_and_grads_match_reference(name, case, dtype):
-    (x, akp, weight, bias), layout = case.params(dtype)
-    require(name, conv_problem(layout, case, x, akp))
-    y, grads = run_backend(name, case, dtype, x, akp, weight, bias, layout)
-    y_ref, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    (x, akp, weight, bias), layout = case.tensors(dtype)
+    require(name, case.problem(x, akp, layout))
+    y, grads = case.run(name, x, akp, weight, bias, layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert rel_err(y, y_ref) <= TOL[dtype], "output"
     for what, g, g_ref in zip(("x", "akp", "weight", "bias"), grads, grads_ref):
@@ -127,10 +70,10 @@ def test_conv_forward_and_grads_match_reference(name, case, dtype):
 def test_tf32_float32_within_spec(name, tf32):
     """SPEC §6: float32 with TF32 allowed (cuDNN's default) within 5e-3 of the float64 oracle."""
     case = next(c for c in CASES if c.id == "tiles-default20")  # crosses every tile boundary
-    (x, akp, weight, bias), layout = case.params(torch.float32)
-    require(name, conv_problem(layout, case, x, akp))
-    y, grads = run_backend(name, case, torch.float32, x, akp, weight, bias, layout)
-    y_ref, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    (x, akp, weight, bias), layout = case.tensors(torch.float32)
+    require(name, case.problem(x, akp, layout))
+    y, grads = case.run(name, x, akp, weight, bias, layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
     assert rel_err(y, y_ref) <= 5e-3
     assert all(rel_err(g, r) <= 5e-3 for g, r in zip(grads, grads_ref))
 
@@ -140,7 +83,7 @@ def test_tf32_float32_within_spec(name, tf32):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_synthesize_matches_reference(name, dtype, kernel_size):
     case = Case("synth", MOSAIC * 2, 5, kernel_size)
-    (_, akp, weight, _), layout = case.params(dtype)
+    (_, akp, weight, _), layout = case.tensors(dtype)
     require(name, make_problem(akp, layout, kernel_size))
     leaves = [akp.clone().requires_grad_(), weight.clone().requires_grad_()]
     w = synthesize(*leaves, layout, kernel_size, backend=name)
@@ -172,8 +115,8 @@ GRADCHECK_CASES = [
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("name", BACKENDS)
 def test_gradcheck_conv_float64(name, case):
-    (x, akp, weight, bias), layout = case.params(torch.float64)
-    require(name, conv_problem(layout, case, x, akp))
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
     leaves = [t.clone().requires_grad_() for t in (x, akp, weight, bias)]
 
     def fn(x, akp, weight, bias):
@@ -186,7 +129,7 @@ def test_gradcheck_conv_float64(name, case):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_gradcheck_synthesize_each_family_float64(name, family):
     case = Case("family", [family, F_.PLAIN, family], 2, (4, 3))
-    (_, akp, weight, _), layout = case.params(torch.float64, seed=int(family))
+    (_, akp, weight, _), layout = case.tensors(torch.float64, seed=int(family))
     require(name, make_problem(akp, layout, case.kernel_size))
     leaves = [akp.clone().requires_grad_(), weight.clone().requires_grad_()]
     assert torch.autograd.gradcheck(lambda a, w: synthesize(a, w, layout, case.kernel_size, backend=name),
@@ -196,9 +139,9 @@ def test_gradcheck_synthesize_each_family_float64(name, family):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_batch_zero(name):
     case = Case("empty", MOSAIC, 3, (3, 3), batch=0, conv=dict(padding=1))
-    (x, akp, weight, bias), layout = case.params(torch.float64)
-    require(name, conv_problem(layout, case, x, akp))
-    y, grads = run_backend(name, case, torch.float64, x, akp, weight, bias, layout)
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
+    y, grads = case.run(name, x, akp, weight, bias, layout)
     assert y.shape == (0, len(MOSAIC), 9, 8)
     leaves = [t.clone().requires_grad_() for t in (x, akp, weight, bias)]
     acl_conv2d(leaves[0], leaves[1], leaves[2], layout, leaves[3], padding=1, backend=name).sum().backward()
@@ -210,15 +153,15 @@ def test_batch_zero(name):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_input_memory_layouts(name, layout_of_input):
     case = Case("mem", MOSAIC, 4, (3, 3), hw=(7, 10), conv=dict(padding=1, stride=(1, 2)))
-    (x, akp, weight, bias), layout = case.params(torch.float64)
-    require(name, conv_problem(layout, case, x, akp))
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
     if layout_of_input == "channels_last":
         x_in = x.contiguous(memory_format=torch.channels_last)
     else:
         x_in = torch.stack([x, -x], dim=-1)[..., 0]  # same values, a strided view
         assert not x_in.is_contiguous()
-    y, grads = run_backend(name, case, torch.float64, x_in, akp, weight, bias, layout)
-    y_ref, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    y, grads = case.run(name, x_in, akp, weight, bias, layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
     assert rel_err(y, y_ref) <= TOL[torch.float64]
     assert all(rel_err(g, r) <= TOL[torch.float64] for g, r in zip(grads, grads_ref))
     if layout_of_input == "channels_last":  # as F.conv2d: the output follows the input's format
@@ -233,13 +176,13 @@ def test_input_memory_layouts(name, layout_of_input):
 def test_needs_input_grad_subsets(name, wanted):
     """Only one input requires grad: the backend computes exactly that gradient."""
     case = Case("subset", MOSAIC, 3, (3, 3), conv=dict(padding=1))
-    (x, akp, weight, bias), layout = case.params(torch.float64)
-    require(name, conv_problem(layout, case, x, akp))
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
     inputs = dict(x=x, akp=akp, weight=weight, bias=bias)
     inputs[wanted] = inputs[wanted].clone().requires_grad_()
     y = acl_conv2d(inputs["x"], inputs["akp"], inputs["weight"], layout, inputs["bias"], padding=1, backend=name)
     (g,) = torch.autograd.grad(y.sum(), inputs[wanted])
-    _, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    _, grads_ref = case.reference(x, akp, weight, bias, layout)
     ref_inputs = [t.double().requires_grad_() for t in (x, akp, weight, bias)]
     y_ref = acl_conv2d(*ref_inputs[:3], layout, ref_inputs[3], padding=1, backend="reference")
     g_ref = torch.autograd.grad(y_ref.sum(), ref_inputs[["x", "akp", "weight", "bias"].index(wanted)])[0]
@@ -252,13 +195,13 @@ def test_autocast(name, low):
     """SPEC §6: under autocast W is synthesized in float32 and the convolution runs in the low
     precision, like nn.Conv2d; params' grads stay float32; within 1e-2 of the float64 oracle."""
     case = Case("autocast", MOSAIC, 8, (3, 3), conv=dict(padding=1))
-    (x, akp, weight, bias), layout = case.params(torch.float32)
+    (x, akp, weight, bias), layout = case.tensors(torch.float32)
     with torch.autocast(DEVICE.type, dtype=low):
         problem = make_problem(akp, layout, case.kernel_size, x, ConvArgs.make(padding=1), autocast_dtype=low)
         require(name, problem)
-        y, grads = run_backend(name, case, torch.float32, x, akp, weight, bias, layout)
+        y, grads = case.run(name, x, akp, weight, bias, layout)
     assert y.dtype == low
-    y_ref, grads_ref = reference_result(case, x, akp, weight, bias, layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
     assert rel_err(y, y_ref) <= TOL[low]
     for what, g, g_ref in zip(("x", "akp", "weight", "bias"), grads, grads_ref):
         assert g.dtype == torch.float32, what
@@ -270,7 +213,7 @@ def test_autocast(name, low):
 def test_low_precision_parameters_synthesized_in_float32(name, low):
     """float16/bfloat16 parameters: W is synthesized in float32 and rounded once."""
     case = Case("lowp", MOSAIC, 3, (5, 5))
-    (_, akp, weight, _), layout = case.params(low)
+    (_, akp, weight, _), layout = case.tensors(low)
     require(name, make_problem(akp, layout, case.kernel_size))
     w = synthesize(akp, weight, layout, case.kernel_size, backend=name)
     assert w.dtype == low
@@ -301,8 +244,8 @@ def test_double_backward_exact_or_refused(name):
     """The reference (plain autograd) passes gradgradcheck; fast backends do not claim double
     backward, so asking for it raises instead of returning a silently wrong second derivative."""
     case = Case("dbl", MOSAIC[:8], 1, (3, 2), hw=(4, 3), batch=1)  # every family, small: gradgradcheck
-    (x, akp, weight, bias), layout = case.params(torch.float64)
-    require(name, conv_problem(layout, case, x, akp))
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
     if name == "reference":
         leaves = [t.clone().requires_grad_() for t in (x, akp, weight)]
         assert torch.autograd.gradgradcheck(
@@ -338,7 +281,7 @@ def test_torch_compile_matches_eager(name):
 
 def test_auto_runs_and_unknown_backend_lists_every_reason():
     case = Case("auto", MOSAIC, 3, (3, 3), conv=dict(padding=1))
-    (x, akp, weight, bias), layout = case.params(torch.float32)
+    (x, akp, weight, bias), layout = case.tensors(torch.float32)
     y = acl_conv2d(x, akp, weight, layout, bias, padding=1)
     y_ref = acl_conv2d(x, akp, weight, layout, bias, padding=1, backend="reference")
     assert rel_err(y, y_ref.double()) <= TOL[torch.float32]

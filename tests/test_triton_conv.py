@@ -15,22 +15,21 @@ import importlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from acl_fused import AnalyticConv2d, Family, acl_conv2d, dispatch
+from acl_fused import Family, acl_conv2d, dispatch
 from acl_fused.conv_args import ConvArgs
 from acl_fused.validation import make_problem
+from acl_cases import TOL, Case
 from conftest import rel_err, skip_or_fail_unavailable
 
 NAME = "triton_fused"
 F_ = Family
 ALL_SEVEN = list(Family)  # every family once, PLAIN included
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def backend_module():
@@ -39,42 +38,6 @@ def backend_module():
         return importlib.import_module(dispatch.BACKENDS[NAME].module)
     except ImportError as e:
         skip_or_fail_unavailable(NAME, str(e))
-
-
-@dataclass
-class Case:
-    id: str
-    layout: list
-    c_in: int
-    kernel_size: tuple[int, int]
-    hw: tuple[int, int]
-    batch: int = 2
-    conv: dict = field(default_factory=dict)
-    bias: bool = True
-
-    def tensors(self, dtype: torch.dtype, seed: int = 0):
-        """((x, akp, weight, bias) in ``dtype``, layout): module init, AKPs perturbed off their
-        symmetric starting points."""
-        torch.manual_seed(seed)
-        m = AnalyticConv2d(self.c_in, len(self.layout), self.kernel_size, bias=self.bias, layout=self.layout,
-                           dtype=torch.float64, **self.conv)
-        akp = m.akp.detach() + 0.2 * torch.randn_like(m.akp)
-        x = torch.randn(self.batch, self.c_in, *self.hw, dtype=torch.float64)
-        params = (akp, m.weight, m.bias)
-        return tuple(None if t is None else t.detach().to(dtype) for t in (x, *params)), m.layout
-
-    def problem(self, x, akp, layout):
-        return make_problem(akp, layout, self.kernel_size, x, ConvArgs.make(**self.conv))
-
-    def run(self, backend: str, x, akp, weight, bias, layout, grad_y_seed: int = 1):
-        """(y, [grad x, akp, weight, bias]) for a fixed random output gradient (None where absent)."""
-        leaves = [None if t is None else t.clone().requires_grad_() for t in (x, akp, weight, bias)]
-        y = acl_conv2d(leaves[0], leaves[1], leaves[2], layout, leaves[3], kernel_size=self.kernel_size,
-                       backend=backend, **self.conv)
-        g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(grad_y_seed))
-        present = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(y, present, g.to(y.dtype), allow_unused=True, materialize_grads=True))
-        return y, [None if t is None else next(grads) for t in leaves]
 
 
 def require(case: Case, x, akp, layout):
@@ -106,8 +69,7 @@ def test_forward_and_grads_match_float64_reference(case, dtype):
     (x, akp, weight, bias), layout = case.tensors(dtype)
     require(case, x, akp, layout)
     y, grads = case.run(NAME, x, akp, weight, bias, layout)
-    as64 = [None if t is None else t.double() for t in (x, akp, weight, bias)]
-    y_ref, grads_ref = case.run("reference", *as64, layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert rel_err(y, y_ref) <= TOL[dtype]
     for what, g, g_ref in zip(("x", "akp", "weight", "bias"), grads, grads_ref):
@@ -133,31 +95,10 @@ def test_low_precision_parameters(low):
     (x, akp, weight, bias), layout = case.tensors(low)
     require(case, x, akp, layout)
     y, grads = case.run(NAME, x, akp, weight, bias, layout)
-    y_ref, grads_ref = case.run("reference", *(t.double() for t in (x, akp, weight, bias)), layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
     assert y.dtype == low and rel_err(y, y_ref) <= TOL[low]
     for what, g, g_ref in zip(("x", "akp", "weight", "bias"), grads, grads_ref):
         assert g.dtype == low and rel_err(g, g_ref) <= TOL[low], what
-
-
-@pytest.mark.parametrize("memory", ["channels_last", "strided"])
-def test_input_memory_layouts(memory):
-    """Inputs are read through their strides; a channels_last input gives a channels_last
-    output, as F.conv2d does."""
-    case = Case("mem", ALL_SEVEN * 3, 5, (3, 3), (6, 7), conv=dict(padding=1, stride=(2, 1)))
-    (x, akp, weight, bias), layout = case.tensors(torch.float64)
-    require(case, x, akp, layout)
-    if memory == "channels_last":
-        x_in = x.contiguous(memory_format=torch.channels_last)
-    else:
-        x_in = torch.stack([-x, x], dim=2)[:, :, 1]
-        assert not x_in.is_contiguous() and not x_in.is_contiguous(memory_format=torch.channels_last)
-    y, grads = case.run(NAME, x_in, akp, weight, bias, layout)
-    y_ref, grads_ref = case.run("reference", x, akp, weight, bias, layout)
-    assert rel_err(y, y_ref) <= TOL[torch.float64]
-    assert all(rel_err(g, r) <= TOL[torch.float64] for g, r in zip(grads, grads_ref))
-    expected_cl = memory == "channels_last"
-    assert y.is_contiguous(memory_format=torch.channels_last) == expected_cl
-    assert y.is_contiguous() != expected_cl
 
 
 @pytest.mark.parametrize("wanted", [("x",), ("akp",), ("weight",), ("bias",), ("akp", "weight"), ("x", "akp")])
