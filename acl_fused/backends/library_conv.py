@@ -6,6 +6,7 @@ helpers, so padding='same' with even kernels, autocast and channels_last behave 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -15,13 +16,18 @@ from ..conv_args import ConvArgs
 from ..validation import autocast_enabled
 
 
-def autocast_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Cast x and bias to the autocast dtype when autocast is on for x's device (nn.Conv2d casts
-    both); the backend then runs with autocast off and casts W to ``x.dtype`` after synthesis."""
+def autocast_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], contextlib.AbstractContextManager]:
+    """(x, bias, scope) with nn.Conv2d's autocast semantics: when autocast is on for x's device, x
+    and bias come back cast to the autocast dtype (cast here, outside any autograd Function, so
+    autograd casts their gradients back) and ``scope`` switches autocast off for the backend's
+    call, which synthesizes W in the parameters' dtype and casts it to ``x.dtype``. Without
+    autocast they come back as they are, with a no-op scope."""
     if not autocast_enabled(x.device):
-        return x, bias
+        return x, bias, contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(x.device.type)
-    return x.to(dtype), None if bias is None else bias.to(dtype)
+    return (x.to(dtype), None if bias is None else bias.to(dtype),
+            torch.autocast(x.device.type, enabled=False))
 
 
 def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], conv: ConvArgs) -> torch.Tensor:

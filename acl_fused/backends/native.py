@@ -80,9 +80,9 @@ def conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], l
     """y = F.conv2d(x, W, bias, ...) [N, C_out, H_out, W_out]; under autocast W is synthesized in the
     parameters' dtype and the convolution runs in the autocast dtype, like nn.Conv2d."""
     _require_extension()
-    x, bias = library_conv.autocast_inputs(x, bias)
+    x, bias, scope = library_conv.autocast_inputs(x, bias)
     idx = layout.tensors(akp.device)
-    with torch.autocast(x.device.type, enabled=False):
+    with scope:
         return torch.ops.acl_fused.acl_conv2d(
             x, akp, weight, idx["family_i32"], idx["row_i32"], bias, list(kernel_size), list(conv.stride),
             list(conv.explicit_padding(kernel_size)), list(conv.dilation), conv.groups)

@@ -529,6 +529,6 @@ def conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], l
            bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
     """y [N, C_out, H_out, W_out] = F.conv2d(x, W, bias, ...) without materialising W. Under
     autocast x and bias run in the autocast dtype; the tiles are synthesized in float32 and cast."""
-    x, bias = library_conv.autocast_inputs(x, bias)
-    with torch.autocast(x.device.type, enabled=False):
+    x, bias, scope = library_conv.autocast_inputs(x, bias)
+    with scope:
         return TritonACLConv2d.apply(x, akp, weight, bias, layout, conv, kernel_size)

@@ -290,12 +290,9 @@ def synthesize(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout
 
 def conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
            bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
-    """y [N, C_out, H_out, W_out] = F.conv2d(x, synthesize(akp, weight), bias, ...) (nn.Conv2d
-    autocast semantics: x and bias are cast here, outside the Function, so autograd casts their
-    gradients back; the Function itself runs with autocast off)."""
+    """y [N, C_out, H_out, W_out] = F.conv2d(x, synthesize(akp, weight), bias, ...), with nn.Conv2d's
+    autocast semantics (library_conv.autocast_inputs)."""
     idx = layout.tensors(akp.device)
-    if not torch.is_autocast_enabled(x.device.type):
-        return TritonConv2d.apply(x, akp, weight, bias, idx["family_i32"], idx["row_i32"], conv, kernel_size)
-    x, bias = library_conv.autocast_inputs(x, bias)
-    with torch.autocast(x.device.type, enabled=False):
+    x, bias, scope = library_conv.autocast_inputs(x, bias)
+    with scope:
         return TritonConv2d.apply(x, akp, weight, bias, idx["family_i32"], idx["row_i32"], conv, kernel_size)
