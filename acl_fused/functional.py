@@ -23,9 +23,7 @@ def synthesize(akp: Optional[torch.Tensor], weight: Optional[torch.Tensor], fami
     """
     layout = as_layout(family)
     akp, weight, ks, _ = check_synthesis_inputs(akp, weight, layout, kernel_size)
-    problem = make_problem(akp, layout, ks, requires_grad=akp.requires_grad or
-                           (weight is not None and weight.requires_grad))
-    return dispatch.select(backend, problem).synthesize(akp, weight, layout, ks)
+    return dispatch.select(backend, make_problem(akp, layout, ks)).synthesize(akp, weight, layout, ks)
 
 
 def acl_conv2d(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[torch.Tensor], family: FamilyArg,
@@ -34,11 +32,16 @@ def acl_conv2d(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[to
                backend: str = "auto") -> torch.Tensor:
     """ACL convolution: x [N, C_in, H, W] -> [N, C_out, H_out, W_out], exactly
     ``F.conv2d(x, synthesize(akp, weight, family), bias, stride, padding, dilation, groups)``."""
-    layout = as_layout(family)
-    conv = ConvArgs.make(stride, padding, dilation, groups)
+    return conv2d(x, akp, weight, as_layout(family), bias, ConvArgs.make(stride, padding, dilation, groups),
+                  kernel_size, backend)
+
+
+def conv2d(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[torch.Tensor], layout: Layout,
+           bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: Optional[IntOrPair] = None,
+           backend: str = "auto") -> torch.Tensor:
+    """:func:`acl_conv2d` with the layout and convolution arguments already normalised (modules
+    keep theirs, so a forward pass does not rebuild them)."""
     akp, weight, ks, cg = check_synthesis_inputs(akp, weight, layout, kernel_size)
     autocast_dtype = check_conv_inputs(x, akp, weight, layout, bias, conv, ks, cg)
-    requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, akp, weight, bias))
-    problem = make_problem(akp, layout, ks, x, conv, autocast_dtype, requires_grad)
+    problem = make_problem(akp, layout, ks, x, conv, autocast_dtype)
     return dispatch.select(backend, problem).conv2d(x, akp, weight, layout, bias, conv, ks)

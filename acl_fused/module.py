@@ -40,8 +40,6 @@ class AnalyticConv2d(nn.Module):
             raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
-        self.stride, self.padding, self.dilation, self.groups = (
-            self._conv.stride, self._conv.padding, self._conv.dilation, self._conv.groups)
         self.backend = backend
         self._layout = make_layout(layout, out_channels)
         factory = {"device": device, "dtype": dtype}
@@ -56,6 +54,37 @@ class AnalyticConv2d(nn.Module):
     @property
     def layout(self) -> Layout:
         return self._layout
+
+    # stride / padding / dilation read and write through the normalised ConvArgs the forward pass
+    # uses, so assigning one (as people do with nn.Conv2d) takes effect and is validated.
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self._conv.stride
+
+    @stride.setter
+    def stride(self, value: IntOrPair) -> None:
+        self._conv = ConvArgs.make(value, self._conv.padding, self._conv.dilation, self._conv.groups)
+
+    @property
+    def padding(self) -> tuple[int, int] | str:
+        return self._conv.padding
+
+    @padding.setter
+    def padding(self, value: PaddingArg) -> None:
+        self._conv = ConvArgs.make(self._conv.stride, value, self._conv.dilation, self._conv.groups)
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self._conv.dilation
+
+    @dilation.setter
+    def dilation(self, value: IntOrPair) -> None:
+        self._conv = ConvArgs.make(self._conv.stride, self._conv.padding, value, self._conv.groups)
+
+    @property
+    def groups(self) -> int:
+        """Fixed at construction: the parameters' shapes depend on it."""
+        return self._conv.groups
 
     # -- initialisation -------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -81,9 +110,8 @@ class AnalyticConv2d(nn.Module):
         return functional.synthesize(self.akp, self.weight, self._layout, self.kernel_size, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.acl_conv2d(x, self.akp, self.weight, self._layout, self.bias, self.stride,
-                                     self.padding, self.dilation, self.groups, self.kernel_size,
-                                     backend=self.backend)
+        return functional.conv2d(x, self.akp, self.weight, self._layout, self.bias, self._conv, self.kernel_size,
+                                 backend=self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

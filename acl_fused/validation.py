@@ -32,8 +32,6 @@ class Problem:
     conv: Optional[ConvArgs] = None
     input_shape: Optional[tuple[int, ...]] = None
     autocast_dtype: Optional[torch.dtype] = None
-    channels_last: bool = False
-    requires_grad: bool = False
 
 
 def autocast_enabled(device: torch.device) -> bool:
@@ -135,11 +133,6 @@ def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch
 
 
 def make_problem(akp: torch.Tensor, layout: Layout, kernel_size: tuple[int, int], x: Optional[torch.Tensor] = None,
-                 conv: Optional[ConvArgs] = None, autocast_dtype: Optional[torch.dtype] = None,
-                 requires_grad: bool = False) -> Problem:
-    return Problem(
-        device=akp.device, dtype=akp.dtype, kernel_size=kernel_size, layout=layout, conv=conv,
-        input_shape=None if x is None else tuple(x.shape), autocast_dtype=autocast_dtype,
-        channels_last=x is not None and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous(),
-        requires_grad=requires_grad)
+                 conv: Optional[ConvArgs] = None, autocast_dtype: Optional[torch.dtype] = None) -> Problem:
+    return Problem(device=akp.device, dtype=akp.dtype, kernel_size=kernel_size, layout=layout, conv=conv,
+                   input_shape=None if x is None else tuple(x.shape), autocast_dtype=autocast_dtype)

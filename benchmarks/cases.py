@@ -256,7 +256,7 @@ class SynthesisBench:
 
     def reason(self, backend: str) -> Optional[str]:
         s = self.layer
-        return untimed_reason(backend, make_problem(s.akp, s.layout, s.kernel_size, requires_grad=True))
+        return untimed_reason(backend, make_problem(s.akp, s.layout, s.kernel_size))
 
     def fn(self, backend: str) -> Callable[[], None]:
         s, grad = self.layer, self.grad

@@ -95,6 +95,23 @@ def test_conv2d_attributes():
     assert layer(2, 2, 3, padding="same").padding == "same"
 
 
+def test_assigned_conv_attributes_take_effect_and_are_validated():
+    """As with nn.Conv2d, assigning stride / padding / dilation changes the forward pass."""
+    torch.manual_seed(0)
+    m = layer(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
+    m.stride, m.padding, m.dilation = 2, "valid", (1, 2)
+    assert (m.stride, m.padding, m.dilation) == ((2, 2), "valid", (1, 2))
+    want = F.conv2d(x, m.synthesize(), m.bias, stride=2, dilation=(1, 2))
+    torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided convolutions"):
+        m.padding = "same"
+    with pytest.raises(ValueError, match="dilation"):
+        m.dilation = 0
+    with pytest.raises(AttributeError):
+        m.groups = 2
+
+
 # --------------------------------------------------------------------------------------------
 # Initialisation.
 
