@@ -2,7 +2,6 @@
 // Device-agnostic: it reaches the synthesis kernels through the dispatcher, and cpu/ and cuda/
 // register it for their device. W is recomputed in the backward, never saved.
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -15,26 +14,6 @@
 
 namespace acl_fused {
 namespace {
-
-at::Tensor synthesize(const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
-                      const at::Tensor& row, at::IntArrayRef kernel_size) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("acl_fused::synthesize", "")
-                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
-                                               const at::Tensor&, const at::Tensor&, at::IntArrayRef)>();
-  return op.call(akp, weight, family, row, kernel_size);
-}
-
-std::tuple<at::Tensor, at::Tensor> synthesize_backward(const at::Tensor& grad_W, const at::Tensor& akp,
-                                                       const at::Tensor& family, const at::Tensor& row,
-                                                       std::array<bool, 2> output_mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("acl_fused::synthesize_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&, const at::Tensor&,
-                                                                       std::array<bool, 2>)>();
-  return op.call(grad_W, akp, family, row, output_mask);
-}
 
 // F.conv2d's treatment of asymmetric padding ('same' with an even dilated kernel): zero-pad the
 // extra rows / columns explicitly, then convolve with the symmetric remainder.
@@ -82,7 +61,7 @@ at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std:
                 ", got ", bias->scalar_type(), " of shape ", bias->sizes());
   }
   // Synthesized in the parameters' dtype (float32 for autocast), then one cast to the conv dtype.
-  const at::Tensor w = synthesize(akp, weight, family, row, kernel_size).to(input.scalar_type());
+  const at::Tensor w = dispatch::synthesize(akp, weight, family, row, kernel_size).to(input.scalar_type());
   const PaddedInput p = pad_input(input, padding);
   return at::convolution(p.x, w, bias, stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups);
 }
@@ -102,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   if (!(want_input || want_w || want_bias)) {
     return {grad_input, grad_akp, grad_weight, grad_bias};
   }
-  const at::Tensor w = synthesize(akp, weight, family, row, kernel_size).to(input.scalar_type());
+  const at::Tensor w = dispatch::synthesize(akp, weight, family, row, kernel_size).to(input.scalar_type());
   const PaddedInput p = pad_input(input, padding);
   const std::vector<int64_t> bias_sizes{c_out};
   auto [gx, gw, gb] = at::convolution_backward(
@@ -116,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   if (want_bias) grad_bias = gb;
   if (want_w) {
     std::tie(grad_akp, grad_weight) =
-        synthesize_backward(gw.to(akp.scalar_type()), akp, family, row, {want_akp, want_weight});
+        dispatch::synthesize_backward(gw.to(akp.scalar_type()), akp, family, row, {want_akp, want_weight});
   }
   return {grad_input, grad_akp, grad_weight, grad_bias};
 }

@@ -1,7 +1,9 @@
-// The acl_fused operator library: every op schema, in one place. Kernels are registered per
-// device in cpu/ and cuda/; fake (meta) kernels and autograd in acl_fused/backends/native.py.
+// The acl_fused operator library: every op schema, in one place, with the typed handles that
+// call the ops through the dispatcher. Kernels are registered per device in cpu/ and cuda/,
+// autograd in autograd.cpp; fake (meta) kernels in acl_fused/backends/native.py.
 #include <Python.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -126,4 +128,47 @@ void check_layout_values(const at::Tensor& family, const at::Tensor& row, const 
   }
 }
 
+namespace dispatch {
+namespace {
+
+// The handle of op `name` typed as the C++ function Signature (whose types follow its schema).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+at::Tensor synthesize(const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
+                      const at::Tensor& row, at::IntArrayRef kernel_size) {
+  static const auto op = typed_op<decltype(synthesize)>("acl_fused::synthesize");
+  return op.call(akp, weight, family, row, kernel_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> synthesize_backward(const at::Tensor& grad_W, const at::Tensor& akp,
+                                                       const at::Tensor& family, const at::Tensor& row,
+                                                       std::array<bool, 2> output_mask) {
+  static const auto op = typed_op<decltype(synthesize_backward)>("acl_fused::synthesize_backward");
+  return op.call(grad_W, akp, family, row, output_mask);
+}
+
+at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                      const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, int64_t groups) {
+  static const auto op = typed_op<decltype(acl_conv2d)>("acl_fused::acl_conv2d");
+  return op.call(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
+    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 4> output_mask) {
+  static const auto op = typed_op<decltype(acl_conv2d_backward)>("acl_fused::acl_conv2d_backward");
+  return op.call(grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups,
+                 output_mask);
+}
+
+}  // namespace dispatch
 }  // namespace acl_fused

@@ -28,15 +28,36 @@ SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at
 // CUDA the kernels assert instead, so that no call synchronises).
 void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape);
 
+// The CPU / CUDA kernel of acl_fused::acl_conv2d (device-agnostic: synthesis through the dispatcher).
 at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                       const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, int64_t groups);
 
+// The CPU / CUDA kernel of acl_fused::acl_conv2d_backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
     const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, std::array<bool, 4> output_mask);
+
+// The ops called through the dispatcher (from the acl_conv2d composite and the autograd kernels):
+// each call goes to the kernel of the keys still active (autograd, then device or fake).
+namespace dispatch {
+at::Tensor synthesize(const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
+                      const at::Tensor& row, at::IntArrayRef kernel_size);
+std::tuple<at::Tensor, at::Tensor> synthesize_backward(const at::Tensor& grad_W, const at::Tensor& akp,
+                                                       const at::Tensor& family, const at::Tensor& row,
+                                                       std::array<bool, 2> output_mask);
+at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                      const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, int64_t groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
+    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 4> output_mask);
+}  // namespace dispatch
 
 }  // namespace acl_fused

@@ -5,7 +5,8 @@ specific to the C++ / CUDA ops: each op against the reference in float64 for eve
 even / non-square kernels and mosaics mixing all seven families; the CPU's float32 SIMD tiles,
 their remainders, their fallback and the AVX2 object's symbols; half / bfloat16 computed in
 float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
-what the autograd formulas save; double backward refused; the why-not reasons (extension
+the C++ autograd (csrc/autograd.cpp): what it saves, the gradients it asks for, None for the rest;
+double backward refused; the why-not reasons (extension
 missing, built without CUDA, dtype); torch.compile; and, on a GPU, CUDA against CPU.
 """
 from __future__ import annotations
@@ -367,6 +368,89 @@ def test_backward_saves_inputs_only_and_recomputes_w(extension):
     assert not any(t.shape == w.shape for t in saved)
     y.sum().backward()
     assert x.grad is not None and akp.grad is not None
+
+
+def test_autograd_kernels_are_the_cpp_ones(extension):
+    """Every op's autograd is registered at the Autograd key by csrc/autograd.cpp (C++, one
+    registration for every device), not in Python (torch.library.register_autograd re-packs the
+    arguments and runs a Python autograd.Function on every call)."""
+    for name in ("synthesize", "synthesize_backward", "acl_conv2d", "acl_conv2d_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"acl_fused::{name}", "Autograd"), name
+        autograd = [line for line in torch._C._dispatch_dump(f"acl_fused::{name}").splitlines()
+                    if line.startswith("Autograd")]
+        assert len(autograd) == 1 and "csrc/autograd.cpp" in autograd[0], (name, autograd)
+
+
+class RecordMasks(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output_mask each backward op is called with (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (ops.synthesize_backward.default, ops.acl_conv2d_backward.default):
+            self.masks[func.__name__.split(".")[0]] = list(args[-1])
+        return func(*args, **(kwargs or {}))
+
+
+#: (which of input, akp, weight, bias require grad, whether weight and bias are given).
+GRAD_CASES = [(wants, True) for wants in [(True, True, True, True), (False, True, False, False),
+                                          (True, False, False, False), (False, False, True, True),
+                                          (False, False, False, True)]]
+GRAD_CASES += [(wants, False) for wants in [(True, True, True, True), (False, True, False, False),
+                                            (True, False, True, True)]]
+
+
+@pytest.mark.parametrize("wants, with_weight_and_bias", GRAD_CASES,
+                         ids=["".join("xawb"[i] for i in range(4) if w[i]) + ("" if wb else "-no-weight-no-bias")
+                              for w, wb in GRAD_CASES])
+def test_gradients_only_where_needed(extension, wants, with_weight_and_bias):
+    """The C++ autograd asks the backward op for exactly the gradients autograd needs (its
+    output_mask), returns them right (float64 reference) and gives None, never an empty tensor,
+    for the rest: absent weight / bias included."""
+    codes = MOSAIC if with_weight_and_bias else [F_.GABOR, F_.TGD1, F_.LOT]
+    akp, weight, layout = make_inputs(codes, 2, (3, 2))
+    family, row = layout_args(layout)
+    torch.manual_seed(5)
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64)
+    bias = torch.randn(len(codes), dtype=torch.float64) if with_weight_and_bias else None
+    conv = ConvArgs.make(padding="same")
+    conv_args = [[3, 2], list(conv.stride), list(conv.explicit_padding((3, 2))), list(conv.dilation), conv.groups]
+    leaves = [t if t is None else t.clone().requires_grad_(want) for t, want in zip((x, akp, weight, bias), wants)]
+    y = ops.acl_conv2d(leaves[0], leaves[1], leaves[2], family, row, leaves[3], *conv_args)
+    grad_y = torch.randn_like(y)
+    with RecordMasks() as record:
+        y.backward(grad_y)
+    present = [t is not None and t.requires_grad for t in leaves]
+    assert record.masks == {"acl_conv2d_backward": present}
+
+    ref_leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, akp, weight, bias)]
+    y_ref = reference.conv2d_layout(ref_leaves[0], ref_leaves[1], ref_leaves[2], layout, ref_leaves[3], conv, (3, 2))
+    y_ref.backward(grad_y)
+    assert rel_err(y, y_ref) <= 1e-12
+    for name, t, ref, needed in zip(("input", "akp", "weight", "bias"), leaves, ref_leaves, present):
+        if needed:
+            assert t.grad.shape == t.shape and rel_err(t.grad, ref.grad) <= 1e-12, name
+        elif t is not None:
+            assert t.grad is None, name
+
+    # synthesize: the same for (akp, weight).
+    leaves = [t if t is None else t.detach().clone().requires_grad_(want) for t, want in zip((akp, weight), wants[1:3])]
+    if not any(t is not None and t.requires_grad for t in leaves):
+        return
+    w = ops.synthesize(leaves[0], leaves[1], family, row, [3, 2])
+    grad_w = torch.randn_like(w)
+    with RecordMasks() as record:
+        w.backward(grad_w)
+    present = [t is not None and t.requires_grad for t in leaves]
+    assert record.masks == {"synthesize_backward": present}
+    _, grad_akp_ref, grad_weight_ref = reference_grads(akp, weight, layout, (3, 2), grad_w)
+    for name, t, ref, needed in zip(("akp", "weight"), leaves, (grad_akp_ref, grad_weight_ref), present):
+        if needed:
+            assert t.grad.shape == t.shape and rel_err(t.grad, ref) <= 1e-12, name
+        elif t is not None:
+            assert t.grad is None, name
 
 
 def test_double_backward_refused_with_clear_error(extension):

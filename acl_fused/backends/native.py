@@ -12,9 +12,10 @@ Ops (schemas in csrc/ops.cpp; ``family`` / ``row`` are a Layout's int32 [C_out] 
     acl_conv2d_backward(grad_output, input, akp, weight, family, row, kernel_size, stride, padding,
                         dilation, groups, output_mask[4]) -> (grad_input, grad_akp, grad_weight, grad_bias)
 
-This module loads the extension, gives every op a fake kernel (torch.compile, meta tensors) and
-gives ``synthesize`` / ``acl_conv2d`` autograd formulas that save (input, akp, weight) only and
-recompute W in the backward. Double backward is refused with a clear error.
+This module loads the extension and gives every op a fake kernel (torch.compile, meta tensors).
+Autograd is C++ (csrc/autograd.cpp, the Autograd key): ``synthesize`` / ``acl_conv2d`` save
+(input, akp, weight) only and recompute W in the backward; double backward is refused with a clear
+error.
 """
 from __future__ import annotations
 
@@ -140,58 +141,11 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
     return grad_input, grad_akp, grad_weight, grad_bias
 
 
-# -- autograd: save inputs, recompute W in the backward -------------------------------------------
-def _setup_synthesize(ctx, inputs, output):
-    akp, weight, family, row, _ = inputs
-    ctx.save_for_backward(akp, family, row)
-    ctx.has_weight = weight is not None
-
-
-def _backward_synthesize(ctx, grad_W):
-    akp, family, row = ctx.saved_tensors
-    want_akp, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_weight
-    grad_akp = grad_weight = None
-    if want_akp or want_weight:
-        grad_akp, grad_weight = torch.ops.acl_fused.synthesize_backward(
-            grad_W, akp, family, row, [want_akp, want_weight])
-    return (grad_akp if want_akp else None, grad_weight if want_weight else None, None, None, None)
-
-
-def _setup_acl_conv2d(ctx, inputs, output):
-    x, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, akp, weight, family, row)
-    ctx.conv = (kernel_size, stride, padding, dilation, groups)
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-
-
-def _backward_acl_conv2d(ctx, grad_y):
-    x, akp, weight, family, row = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2] and ctx.has_weight, need[5] and ctx.has_bias]
-    grads = [None] * 4
-    if any(mask):
-        grads = torch.ops.acl_fused.acl_conv2d_backward(grad_y, x, akp, weight, family, row, *ctx.conv, mask)
-    grad_x, grad_akp, grad_weight, grad_bias = (g if m else None for g, m in zip(grads, mask))
-    return grad_x, grad_akp, grad_weight, None, None, grad_bias, None, None, None, None, None
-
-
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "acl_fused native backend: double backward (differentiating a gradient, e.g. backward(create_graph=True) "
-        "followed by another backward, or gradgradcheck) is not supported; use backend='reference' for "
-        "higher-order gradients")
-
-
-def _register() -> None:
-    lib = "acl_fused::"
+def _register_fake_kernels() -> None:
     for name, fake in (("synthesize", _fake_synthesize), ("synthesize_backward", _fake_synthesize_backward),
                        ("acl_conv2d", _fake_acl_conv2d), ("acl_conv2d_backward", _fake_acl_conv2d_backward)):
-        torch.library.register_fake(lib + name, fake)
-    torch.library.register_autograd(lib + "synthesize", _backward_synthesize, setup_context=_setup_synthesize)
-    torch.library.register_autograd(lib + "acl_conv2d", _backward_acl_conv2d, setup_context=_setup_acl_conv2d)
-    for name in ("synthesize_backward", "acl_conv2d_backward"):
-        torch.library.register_autograd(lib + name, _refuse_double_backward)
+        torch.library.register_fake("acl_fused::" + name, fake)
 
 
 if EXTENSION_ERROR is None:
-    _register()
+    _register_fake_kernels()

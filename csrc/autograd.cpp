@@ -1,0 +1,171 @@
+// Autograd of the acl_fused ops: C++ autograd Functions registered once for every device at the
+// Autograd key (as torchvision's csrc/ops/autograd/). torch.library.register_autograd did the same
+// in Python at ~130 us a call (argument re-packing, a redispatch and a Python Function per call),
+// more than a GPU convolution of a training-size layer takes.
+//
+// synthesize / acl_conv2d save their inputs only, never W, and their backward recomputes W inside
+// the backward op (SPEC §7). Gradients are computed only for the inputs that need them, and an
+// output a backward op skipped (an empty [0] tensor) reaches autograd as undefined (None).
+// The backward ops are differentiable once only: differentiating them raises.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace acl_fused {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// A gradient the backward op computed, or the undefined tensor autograd reads as None.
+at::Tensor grad_if(bool wanted, at::Tensor grad) { return wanted ? std::move(grad) : at::Tensor(); }
+
+std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class SynthesizeFunction : public torch::autograd::Function<SynthesizeFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                            const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size) {
+    // grad_weight is grad_W's plain rows: weight itself is not needed.
+    ctx->save_for_backward({akp, family, row});
+    ctx->saved_data["has_weight"] = weight.has_value();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return dispatch::synthesize(akp, weight, family, row, kernel_size);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    // needs_input_grad counts tensor arguments only: weight, when given, is the second.
+    const bool want_akp = ctx->needs_input_grad(0);
+    const bool want_weight = ctx->saved_data["has_weight"].toBool() && ctx->needs_input_grad(1);
+    at::Tensor grad_akp, grad_weight;
+    if (want_akp || want_weight) {
+      std::tie(grad_akp, grad_weight) =
+          dispatch::synthesize_backward(grad_outputs[0], saved[0], saved[1], saved[2], {want_akp, want_weight});
+    }
+    return {grad_if(want_akp, grad_akp), grad_if(want_weight, grad_weight), {}, {}, {}};
+  }
+};
+
+class AclConv2dFunction : public torch::autograd::Function<AclConv2dFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& akp,
+                            const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups) {
+    // W is synthesized again from (akp, weight) in the backward; bias is not needed there.
+    ctx->save_for_backward({input, akp, weight.value_or(at::Tensor()), family, row});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["kernel_size"] = kernel_size;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return dispatch::acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation,
+                                groups);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &akp = saved[1], &weight = saved[2], &family = saved[3], &row = saved[4];
+    // needs_input_grad counts tensor arguments only: (input, akp, [weight], family, row, [bias]).
+    const bool has_weight = weight.defined(), has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   has_weight && ctx->needs_input_grad(2),
+                                   has_bias && ctx->needs_input_grad(has_weight ? 5 : 4)};
+    at::Tensor grad_input, grad_akp, grad_weight, grad_bias;
+    if (mask[0] || mask[1] || mask[2] || mask[3]) {
+      auto& data = ctx->saved_data;
+      std::tie(grad_input, grad_akp, grad_weight, grad_bias) = dispatch::acl_conv2d_backward(
+          grad_outputs[0], input, akp, optional_tensor(weight), family, row, data["kernel_size"].toIntVector(),
+          data["stride"].toIntVector(), data["padding"].toIntVector(), data["dilation"].toIntVector(),
+          data["groups"].toInt(), mask);
+    }
+    return {grad_if(mask[0], grad_input), grad_if(mask[1], grad_akp), grad_if(mask[2], grad_weight), {}, {},
+            grad_if(mask[3], grad_bias), {}, {}, {}, {}, {}};
+  }
+};
+
+[[noreturn]] void refuse_double_backward() {
+  TORCH_CHECK(false,
+              "acl_fused native backend: double backward (differentiating a gradient, e.g. "
+              "backward(create_graph=True) followed by another backward, or gradgradcheck) is not supported; use "
+              "backend='reference' for higher-order gradients");
+}
+
+// The backward ops run as themselves; a graph through their outputs (create_graph=True) ends in
+// refuse_double_backward.
+class SynthesizeBackwardFunction : public torch::autograd::Function<SynthesizeBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_W, const at::Tensor& akp,
+                               const at::Tensor& family, const at::Tensor& row, std::array<bool, 2> output_mask) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_akp, grad_weight] = dispatch::synthesize_backward(grad_W, akp, family, row, output_mask);
+    return {grad_akp, grad_weight};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward(); }
+};
+
+class AclConv2dBackwardFunction : public torch::autograd::Function<AclConv2dBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_output, const at::Tensor& input,
+                               const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                               const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups, std::array<bool, 4> output_mask) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_input, grad_akp, grad_weight, grad_bias] = dispatch::acl_conv2d_backward(
+        grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups, output_mask);
+    return {grad_input, grad_akp, grad_weight, grad_bias};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward(); }
+};
+
+at::Tensor synthesize_autograd(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                               const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size) {
+  return SynthesizeFunction::apply(akp, weight, family, row, kernel_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> synthesize_backward_autograd(const at::Tensor& grad_W, const at::Tensor& akp,
+                                                                const at::Tensor& family, const at::Tensor& row,
+                                                                std::array<bool, 2> output_mask) {
+  const variable_list grads = SynthesizeBackwardFunction::apply(grad_W, akp, family, row, output_mask);
+  return {grads[0], grads[1]};
+}
+
+at::Tensor acl_conv2d_autograd(const at::Tensor& input, const at::Tensor& akp,
+                               const std::optional<at::Tensor>& weight, const at::Tensor& family,
+                               const at::Tensor& row, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups) {
+  return AclConv2dFunction::apply(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation,
+                                  groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
+    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 4> output_mask) {
+  const variable_list grads = AclConv2dBackwardFunction::apply(
+      grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups, output_mask);
+  return {grads[0], grads[1], grads[2], grads[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(acl_fused, Autograd, m) {
+  m.impl("synthesize", &synthesize_autograd);
+  m.impl("synthesize_backward", &synthesize_backward_autograd);
+  m.impl("acl_conv2d", &acl_conv2d_autograd);
+  m.impl("acl_conv2d_backward", &acl_conv2d_backward_autograd);
+}
+
+}  // namespace acl_fused
