@@ -25,6 +25,18 @@ std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
+bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
+
+// Whether autograd records this call (Function::apply's test). When it does not (no_grad,
+// inference, a backward without create_graph) the op runs straight below autograd, skipping
+// Function::apply's bookkeeping: measured 4.8 -> 3.6 us a no_grad synthesize call (8->8 3x3,
+// 1 thread, AMD EPYC).
+template <typename... Tensors>
+bool records_graph(const Tensors&... tensors) {
+  return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+}
+
 class SynthesizeFunction : public torch::autograd::Function<SynthesizeFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
@@ -130,14 +142,20 @@ class AclConv2dBackwardFunction : public torch::autograd::Function<AclConv2dBack
 
 at::Tensor synthesize_autograd(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                                const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size) {
-  return SynthesizeFunction::apply(akp, weight, family, row, kernel_size);
+  if (records_graph(akp, weight)) return SynthesizeFunction::apply(akp, weight, family, row, kernel_size);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return dispatch::synthesize(akp, weight, family, row, kernel_size);
 }
 
 std::tuple<at::Tensor, at::Tensor> synthesize_backward_autograd(const at::Tensor& grad_W, const at::Tensor& akp,
                                                                 const at::Tensor& family, const at::Tensor& row,
                                                                 std::array<bool, 2> output_mask) {
-  const variable_list grads = SynthesizeBackwardFunction::apply(grad_W, akp, family, row, output_mask);
-  return {grads[0], grads[1]};
+  if (records_graph(grad_W, akp)) {
+    const variable_list grads = SynthesizeBackwardFunction::apply(grad_W, akp, family, row, output_mask);
+    return {grads[0], grads[1]};
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return dispatch::synthesize_backward(grad_W, akp, family, row, output_mask);
 }
 
 at::Tensor acl_conv2d_autograd(const at::Tensor& input, const at::Tensor& akp,
@@ -145,8 +163,12 @@ at::Tensor acl_conv2d_autograd(const at::Tensor& input, const at::Tensor& akp,
                                const at::Tensor& row, const std::optional<at::Tensor>& bias,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups) {
-  return AclConv2dFunction::apply(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation,
-                                  groups);
+  if (records_graph(input, akp, weight, bias)) {
+    return AclConv2dFunction::apply(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation,
+                                    groups);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return dispatch::acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward_autograd(
@@ -154,9 +176,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward_a
     const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, std::array<bool, 4> output_mask) {
-  const variable_list grads = AclConv2dBackwardFunction::apply(
-      grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups, output_mask);
-  return {grads[0], grads[1], grads[2], grads[3]};
+  if (records_graph(grad_output, input, akp, weight)) {
+    const variable_list grads = AclConv2dBackwardFunction::apply(
+        grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups, output_mask);
+    return {grads[0], grads[1], grads[2], grads[3]};
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return dispatch::acl_conv2d_backward(grad_output, input, akp, weight, family, row, kernel_size, stride, padding,
+                                       dilation, groups, output_mask);
 }
 
 }  // namespace
