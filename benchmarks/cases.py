@@ -181,8 +181,7 @@ class LayerBench:
     def problem(self, layout: str) -> Problem:
         layer = self.layouts[layout]
         return make_problem(layer.akp, layer.layout, layer.kernel_size, self.x,
-                            ConvArgs.make(layer.stride, layer.padding), self.case.mode.autocast_dtype,
-                            requires_grad=True)
+                            ConvArgs.make(layer.stride, layer.padding), self.case.mode.autocast_dtype)
 
     def reason(self, impl: Impl) -> Optional[str]:
         """Why ``impl`` is not timed here (None: it is)."""
