@@ -53,7 +53,7 @@ class ConvShape:
 
 def network_shapes(network: str, image_size: int) -> list[ConvShape]:
     """Every convolution of ``network`` (a key of resnet.BLOCKS) on image_size^2 images, in order."""
-    model = resnet(BLOCKS[network]).to("meta")
+    model = resnet(BLOCKS[network]).to("meta").eval()   # eval: batch norm takes a 1x1 map of one image
     seen: list[ConvShape] = []
 
     def record(module: nn.Conv2d, inputs: tuple[torch.Tensor]) -> None:

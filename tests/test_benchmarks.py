@@ -1,0 +1,58 @@
+"""The benchmarks run (CI times nothing, but `make run` and `pytest benchmarks/` must not rot).
+
+One tiny sweep of the throughput script (every section, every backend that runs on CPU without
+Triton's interpreter), checked for what it writes; and the pytest-benchmark suites in their
+untimed smoke mode.
+"""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+from acl_fused.backends import native
+from conftest import skip_or_fail_unavailable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
+def test_throughput_script_writes_every_report(tmp_path):
+    if native.EXTENSION_ERROR is not None:
+        skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
+    run("-m", "benchmarks.throughput", "--device", "cpu", "--shapes", "64-64k3s1", "--image-size", "32",
+        "--batches", "1", "--passes", "forward+backward", "--backends", "native,reference,triton",
+        "--min-run-time", "0.01", "--rounds", "1", "--train-image-size", "32", "--train-batch", "2",
+        "--out", str(tmp_path))
+
+    layers = read_rows(tmp_path / "layers_cpu.csv")
+    timed = {r["impl"] for r in layers if r["status"] == "ok"}
+    assert timed == {"nn.Conv2d", "native/default", "native/analytic", "reference/default", "reference/analytic"}
+    for r in layers:
+        if r["status"] == "ok" and r["impl"] != "nn.Conv2d":
+            assert float(r["median_ms"]) > 0 and float(r["vs_conv"]) > 0
+            assert float(r["rel_err"]) < 1e-5, r          # SPEC §6, float32 IEEE
+    assert {r["impl"] for r in layers if r["status"] == "not timed"} == {"triton/default", "triton/analytic"}
+    synthesis = {r["impl"]: r for r in read_rows(tmp_path / "synthesis_cpu.csv")}
+    assert synthesis["native"]["status"] == synthesis["reference"]["status"] == "ok"
+    training = {r["impl"]: r for r in read_rows(tmp_path / "training_cpu.csv")}
+    assert float(training["native"]["images_per_s"]) > 0
+    report = (tmp_path / "throughput_cpu.md").read_text()
+    assert "## Summary" in report and "## Training step" in report
+
+
+def test_pytest_benchmark_suites_smoke(tmp_path):
+    """`pytest benchmarks/` without --benchmark-only runs every benchmark body once, untimed."""
+    done = run("-m", "pytest", "benchmarks/", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path}")
+    assert " passed" in done.stdout
