@@ -1,6 +1,6 @@
 // acl_conv2d: synthesis kernels around ATen's convolution (oneDNN on CPU, cuDNN on CUDA).
-// Device-agnostic: it reaches the synthesis kernels through the dispatcher, and cpu/ and cuda/
-// register it for their device. W is recomputed in the backward, never saved.
+// Device-agnostic: each device's W comes from its SynthesizeFn (ops.h), and cpu/ and cuda/
+// register the instantiation for their device. W is recomputed in the backward, never saved.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/convolution.h>
@@ -50,6 +50,7 @@ at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.optio
 
 }  // namespace
 
+template <SynthesizeFn synthesize_w>
 at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                       const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -61,11 +62,12 @@ at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std:
                 ", got ", bias->scalar_type(), " of shape ", bias->sizes());
   }
   // Synthesized in the parameters' dtype (float32 for autocast), then one cast to the conv dtype.
-  const at::Tensor w = dispatch::synthesize(akp, weight, family, row, kernel_size).to(input.scalar_type());
+  const at::Tensor w = synthesize_w(akp, weight, family, row, kernel_size).to(input.scalar_type());
   const PaddedInput p = pad_input(input, padding);
   return at::convolution(p.x, w, bias, stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups);
 }
 
+template <SynthesizeFn synthesize_w>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
     const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
@@ -81,7 +83,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   if (!(want_input || want_w || want_bias)) {
     return {grad_input, grad_akp, grad_weight, grad_bias};
   }
-  const at::Tensor w = dispatch::synthesize(akp, weight, family, row, kernel_size).to(input.scalar_type());
+  // The weight and bias gradients do not depend on W's values (only grad_input does): without
+  // grad_input, W is not synthesized and the convolution gets an uninitialised tensor of W's shape.
+  const at::Tensor w =
+      want_input ? synthesize_w(akp, weight, family, row, kernel_size).to(input.scalar_type())
+                 : at::empty({c_out, akp.size(1), kernel_size[0], kernel_size[1]}, input.options());
   const PaddedInput p = pad_input(input, padding);
   const std::vector<int64_t> bias_sizes{c_out};
   auto [gx, gw, gb] = at::convolution_backward(
@@ -99,5 +105,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   }
   return {grad_input, grad_akp, grad_weight, grad_bias};
 }
+
+#define ACL_FUSED_INSTANTIATE(synthesize_w)                                                                 \
+  template at::Tensor acl_conv2d<synthesize_w>(                                                            \
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,            \
+      const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, \
+      at::IntArrayRef, int64_t);                                                                          \
+  template std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward<synthesize_w>(    \
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,            \
+      const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,              \
+      at::IntArrayRef, int64_t, std::array<bool, 4>);
+ACL_FUSED_INSTANTIATE(&dispatch::synthesize)
+ACL_FUSED_INSTANTIATE(&synthesize_conv_weight_cpu)
+#undef ACL_FUSED_INSTANTIATE
 
 }  // namespace acl_fused

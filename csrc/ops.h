@@ -28,13 +28,25 @@ SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at
 // CUDA the kernels assert instead, so that no call synchronises).
 void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape);
 
-// The CPU / CUDA kernel of acl_fused::acl_conv2d (device-agnostic: synthesis through the dispatcher).
+// How a device's acl_conv2d kernels get the W their convolution uses (the arguments and result
+// of acl_fused::synthesize): the op itself on CUDA, synthesize_conv_weight_cpu on the CPU.
+using SynthesizeFn = at::Tensor (*)(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                                    const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size);
+
+// acl_fused::synthesize's result in a buffer reused by the next call on this thread (cpu/).
+at::Tensor synthesize_conv_weight_cpu(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                                      const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size);
+
+// The CPU / CUDA kernel of acl_fused::acl_conv2d (device-agnostic around synthesize_w;
+// instantiated in acl_conv2d.cpp for the two SynthesizeFns above).
+template <SynthesizeFn synthesize_w>
 at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                       const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, int64_t groups);
 
 // The CPU / CUDA kernel of acl_fused::acl_conv2d_backward.
+template <SynthesizeFn synthesize_w>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
     const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,

@@ -370,6 +370,28 @@ def test_backward_saves_inputs_only_and_recomputes_w(extension):
     assert x.grad is not None and akp.grad is not None
 
 
+def test_conv_weight_buffer_follows_size_and_dtype_changes(extension):
+    """On the CPU the convolution's W is synthesized into a buffer reused from call to call
+    (csrc/cpu/synthesis_cpu.cpp): layers of growing and shrinking W and of both dtypes, called in
+    turn, forward and backward, still equal the reference."""
+    layers = [(3, (3, 3), torch.float64), (9, (5, 4), torch.float64), (2, (3, 3), torch.float32),
+              (9, (5, 4), torch.float32), (3, (2, 2), torch.float64)]
+    for _ in range(2):
+        for seed, (cg, kernel_size, dtype) in enumerate(layers):
+            akp, weight, layout = make_inputs(MOSAIC, cg, kernel_size, dtype=dtype, seed=seed)
+            x = torch.randn(2, cg, 7, 6, dtype=dtype)
+            leaves = [t.requires_grad_() for t in (x, akp, weight)]
+            conv = ConvArgs.make(padding=1)
+            y = native.conv2d(x, akp, weight, layout, None, conv, kernel_size)
+            grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+            leaves64 = [t.detach().double().requires_grad_() for t in leaves]   # SPEC §6: a float64 reference
+            y_ref = reference.acl_conv2d(*leaves64[:3], layout.codes, padding=1, kernel_size=kernel_size)
+            grads_ref = torch.autograd.grad(y_ref, leaves64, torch.ones_like(y_ref))
+            bound = 1e-12 if dtype == torch.float64 else 1e-5
+            assert rel_err(y, y_ref) < bound
+            assert all(rel_err(g, g_ref) < bound for g, g_ref in zip(grads, grads_ref))
+
+
 def test_autograd_kernels_are_the_cpp_ones(extension):
     """Every op's autograd is registered at the Autograd key by csrc/autograd.cpp (C++, one
     registration for every device), not in Python (torch.library.register_autograd re-packs the

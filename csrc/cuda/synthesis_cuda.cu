@@ -170,8 +170,9 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
 TORCH_LIBRARY_IMPL(acl_fused, CUDA, m) {
   m.impl("synthesize", &synthesize_cuda);
   m.impl("synthesize_backward", &synthesize_backward_cuda);
-  m.impl("acl_conv2d", &acl_conv2d);
-  m.impl("acl_conv2d_backward", &acl_conv2d_backward);
+  // The caching allocator already hands W's memory back from call to call.
+  m.impl("acl_conv2d", &acl_conv2d<&dispatch::synthesize>);
+  m.impl("acl_conv2d_backward", &acl_conv2d_backward<&dispatch::synthesize>);
 }
 
 }  // namespace acl_fused
