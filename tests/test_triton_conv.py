@@ -238,6 +238,17 @@ def test_why_not_names_the_missing_piece(monkeypatch):
     assert "TRITON_INTERPRET" in tc.why_not(problem)
     meta = make_problem(akp.to("meta"), layout, case.kernel_size, x.to("meta"), ConvArgs.make())
     assert "meta" in tc.why_not(meta)
+    monkeypatch.setattr(tc, "INTERPRETED", True)
+    monkeypatch.setattr(tc, "INTERPRETER_ERROR", tc.interpreter_error("3.6.0", "2.4.6"))
+    assert "numpy<2.4" in tc.why_not(problem)
+
+
+@pytest.mark.parametrize("versions, refused", [(("3.6.0", "2.4.6"), True), (("3.6.0", "2.3.5"), False),
+                                               (("3.7.0", "2.4.6"), False), (("3.9.0", "2.4.6"), False)])
+def test_interpreter_versions_that_cannot_run_the_kernels(versions, refused):
+    """Seen: Triton 3.6.0's interpreter fails every K loop under NumPy 2.4.6 and runs under 2.3.5;
+    3.7.0 runs under 2.4.6."""
+    assert (backend_module().interpreter_error(*versions) is not None) == refused
 
 
 #: Compiles the three kernels for an H100 (sm_90a) with Triton's own compiler, in a process where

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.torch_version import TorchVersion
 
 from ..conv_args import ConvArgs
 from ..layout import Layout
@@ -50,6 +51,30 @@ from .triton_families import family_value, family_value_and_grads, grid_xy
 #: @triton.jit picks interpreter or compiler when a kernel is decorated: the same choice
 #: triton_synthesis's kernels were given at their import.
 INTERPRETED = triton_synthesis.INTERPRETED
+
+
+def interpreter_error(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter of these versions cannot run these kernels (None when it can).
+
+    Before Triton 3.7 the interpreter turns a loop bound given at run time (the K loops here) into
+    a Python int through a one-element array, which NumPy 2.4 refuses (seen with Triton 3.6.0:
+    "TypeError: only 0-dimensional arrays can be converted to Python scalars"; 3.7.0 runs)."""
+    if TorchVersion(triton_version) < "3.7" and TorchVersion(numpy_version) >= "2.4":
+        return (f"Triton {triton_version}'s interpreter cannot run loops with run-time bounds under NumPy "
+                f"{numpy_version}: use triton>=3.7 or numpy<2.4 (compiled GPU kernels are not affected)")
+    return None
+
+
+def _interpreter_error() -> Optional[str]:
+    if not INTERPRETED:
+        return None
+    import numpy  # the interpreter's own dependency
+
+    return interpreter_error(triton.__version__, numpy.__version__)
+
+
+#: Why interpreted kernels cannot run here (None when they can or are compiled).
+INTERPRETER_ERROR = _interpreter_error()
 
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
                 torch.float64: tl.float64}
@@ -513,6 +538,8 @@ def why_not(problem: Problem) -> Optional[str]:
     if problem.device.type == "cpu" and not INTERPRETED:
         return ("Triton kernels need a CUDA device; on CPU they run only under the interpreter "
                 "(TRITON_INTERPRET=1 set before acl_fused.backends.triton_conv is imported)")
+    if problem.device.type == "cpu" and INTERPRETER_ERROR is not None:
+        return INTERPRETER_ERROR
     if problem.device.type not in ("cpu", "cuda"):
         return f"Triton kernels run on CUDA devices, not {problem.device.type}"
     return None
