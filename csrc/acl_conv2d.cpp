@@ -50,6 +50,12 @@ at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.optio
 
 }  // namespace
 
+at::Tensor synthesize_conv_weight_dispatched(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                                             const at::Tensor& family, const at::Tensor& row,
+                                             at::IntArrayRef kernel_size, at::MemoryFormat memory_format) {
+  return dispatch::synthesize(akp, weight, family, row, kernel_size).contiguous(memory_format);
+}
+
 template <SynthesizeFn synthesize_w>
 at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                       const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
@@ -62,7 +68,8 @@ at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std:
                 ", got ", bias->scalar_type(), " of shape ", bias->sizes());
   }
   // Synthesized in the parameters' dtype (float32 for autocast), then one cast to the conv dtype.
-  const at::Tensor w = synthesize_w(akp, weight, family, row, kernel_size).to(input.scalar_type());
+  const at::Tensor w =
+      synthesize_w(akp, weight, family, row, kernel_size, input.suggest_memory_format()).to(input.scalar_type());
   const PaddedInput p = pad_input(input, padding);
   return at::convolution(p.x, w, bias, stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups);
 }
@@ -85,9 +92,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   }
   // The weight and bias gradients do not depend on W's values (only grad_input does): without
   // grad_input, W is not synthesized and the convolution gets an uninitialised tensor of W's shape.
+  const at::MemoryFormat memory_format = input.suggest_memory_format();
   const at::Tensor w =
-      want_input ? synthesize_w(akp, weight, family, row, kernel_size).to(input.scalar_type())
-                 : at::empty({c_out, akp.size(1), kernel_size[0], kernel_size[1]}, input.options());
+      want_input ? synthesize_w(akp, weight, family, row, kernel_size, memory_format).to(input.scalar_type())
+                 : at::empty({c_out, akp.size(1), kernel_size[0], kernel_size[1]},
+                             input.options().memory_format(memory_format));
   const PaddedInput p = pad_input(input, padding);
   const std::vector<int64_t> bias_sizes{c_out};
   auto [gx, gw, gb] = at::convolution_backward(
@@ -115,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,            \
       const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,              \
       at::IntArrayRef, int64_t, std::array<bool, 4>);
-ACL_FUSED_INSTANTIATE(&dispatch::synthesize)
+ACL_FUSED_INSTANTIATE(&synthesize_conv_weight_dispatched)
 ACL_FUSED_INSTANTIATE(&synthesize_conv_weight_cpu)
 #undef ACL_FUSED_INSTANTIATE
 

@@ -28,14 +28,20 @@ SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at
 // CUDA the kernels assert instead, so that no call synchronises).
 void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape);
 
-// How a device's acl_conv2d kernels get the W their convolution uses (the arguments and result
-// of acl_fused::synthesize): the op itself on CUDA, synthesize_conv_weight_cpu on the CPU.
+// How a device's acl_conv2d kernels get the W their convolution uses: acl_fused::synthesize's
+// result in the convolution's memory format.
 using SynthesizeFn = at::Tensor (*)(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                                    const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size);
+                                    const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
+                                    at::MemoryFormat memory_format);
 
-// acl_fused::synthesize's result in a buffer reused by the next call on this thread (cpu/).
+// CUDA: the op, then a copy where the format differs (cuDNN would make the same copy).
+at::Tensor synthesize_conv_weight_dispatched(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                                             const at::Tensor& family, const at::Tensor& row,
+                                             at::IntArrayRef kernel_size, at::MemoryFormat memory_format);
+// CPU: written in the format, in a buffer reused by the next call on this thread (cpu/).
 at::Tensor synthesize_conv_weight_cpu(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                                      const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size);
+                                      const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
+                                      at::MemoryFormat memory_format);
 
 // The CPU / CUDA kernel of acl_fused::acl_conv2d (device-agnostic around synthesize_w;
 // instantiated in acl_conv2d.cpp for the two SynthesizeFns above).

@@ -392,6 +392,40 @@ def test_conv_weight_buffer_follows_size_and_dtype_changes(extension):
             assert all(rel_err(g, g_ref) < bound for g, g_ref in zip(grads, grads_ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cg, kernel_size", [(16, (3, 3)), (11, (2, 4)), (3, (3, 1))])
+def test_channels_last_weights_and_gradients_are_read_and_written_in_place(extension, dtype, cg, kernel_size):
+    """The CPU kernels take channels_last tensors as they are: a channels_last plain weight (what
+    module.to(memory_format=torch.channels_last) makes), the channels_last W synthesized for a
+    channels_last input, and the channels_last weight gradient oneDNN gives back. Full SIMD tiles
+    (16 channels), partial ones (11) and one slice at a time (float64; 3 channels) against the
+    float64 reference."""
+    cl = torch.channels_last
+    akp, weight, layout = make_inputs(MOSAIC, cg, kernel_size, dtype=dtype)
+    weight = weight.contiguous(memory_format=cl)
+    x = torch.randn(2, cg, 7, 6, dtype=dtype).contiguous(memory_format=cl)
+    leaves = [t.requires_grad_() for t in (x, akp, weight)]
+    y = native.conv2d(x, akp, weight, layout, None, ConvArgs.make(padding=1), kernel_size)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = reference.acl_conv2d(*leaves64, layout.codes, padding=1, kernel_size=kernel_size)
+    grads_ref = torch.autograd.grad(y_ref, leaves64, grad_y.double())
+    bound = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(y, y_ref) < bound
+    assert all(rel_err(g, g_ref) < bound for g, g_ref in zip(grads, grads_ref))
+    # The ops alone: a channels_last weight in, a channels_last weight gradient in.
+    family, row = layout_args(layout)
+    with torch.no_grad():
+        w = ops.synthesize(akp, weight, family, row, list(kernel_size))
+        w_ref = reference.synthesize_layout(*leaves64[1:], layout, kernel_size)
+        assert w.is_contiguous() and rel_err(w, w_ref) < bound
+        grad_w = torch.randn_like(w).contiguous(memory_format=cl)
+        grad_akp, grad_weight = ops.synthesize_backward(grad_w, akp, family, row, [True, True])
+        expected = ops.synthesize_backward(grad_w.contiguous(), akp, family, row, [True, True])
+    assert torch.equal(grad_akp, expected[0]) and torch.equal(grad_weight, expected[1])
+
+
 def test_autograd_kernels_are_the_cpp_ones(extension):
     """Every op's autograd is registered at the Autograd key by csrc/autograd.cpp (C++, one
     registration for every device), not in Python (torch.library.register_autograd re-packs the

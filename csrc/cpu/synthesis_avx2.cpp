@@ -2,10 +2,12 @@
 // at::vec::Vectorized<float>, whose exp / cos / sin are SLEEF's (from libtorch_cpu; within a few
 // ulp, like libm's). The families.h formulas run unchanged on the vectors.
 //
-// Data movement: a tile's AKPs are [8 lanes, 6 slots] and its weights [8 lanes, kk points] in
-// memory, while the formulas want one vector per slot and per point (8 lanes each). Full tiles
-// convert with 8x8 register transposes: 8 points are evaluated, transposed and stored as 8 rows;
-// the last kk % 8 points, and tiles of fewer than 8 slices, go through a small buffer lane by lane.
+// Data movement: a tile's AKPs are [8 lanes, 6 slots] in memory, while the formulas want one
+// vector per slot and per point (8 lanes each). Weights in a contiguous tensor are [8 lanes, kk
+// points]: full tiles convert with 8x8 register transposes (8 points are evaluated, transposed and
+// stored as 8 rows). In a channels_last tensor a point's 8 lanes are adjacent: one load or store.
+// The last kk % 8 points of contiguous tiles, and tiles of fewer than 8 slices, go through a
+// small buffer lane by lane.
 // Measured against lane by lane for every point (1 thread, AnalyticConv2d(256, 256, 3)):
 // synthesize_backward 1.48 -> 1.04 ms on the default layout, 4.1 -> 3.0 ms with half Gabor, half
 // TGD1; an all-MEAN synthesize (no transcendentals) 0.70 -> 0.31 ms.
@@ -101,41 +103,59 @@ void store_akp_grad(const Vec* grad, int lanes, float* grad_akp) {
   }
 }
 
-void synthesize_avx2(int code, const float* akp, int lanes, int kh, int kw, float* w) {
+// How a tile's point-vectors meet memory: full tiles of slice-major weights (lane stride kH*kW,
+// point stride 1) go 8 points at a time through transposes, full tiles of lane-major weights
+// (channels_last: lane stride 1) move a point-vector with one load or store, and the rest
+// (remainder points, partial tiles) lane by lane.
+struct Access {
+  int kk, transposed_end;  // points [0, transposed_end) go through the 8x8 transposes
+  bool direct;             // one vector load / store per point
+
+  Access(int lanes, int kh, int kw, cpu::TileStrides s)
+      : kk(kh * kw),
+        transposed_end(lanes == kLanes && s.lane == kk && s.point == 1 ? kk / kLanes * kLanes : 0),
+        direct(lanes == kLanes && s.lane == 1) {}
+};
+
+void synthesize_avx2(int code, const float* akp, int lanes, int kh, int kw, float* w, cpu::TileStrides strides) {
   Vec p[kAkpSlots];
   load_akp(akp, lanes, p);
-  const int kk = kh * kw, full_blocks_end = lanes == kLanes ? kk / kLanes * kLanes : 0;
+  const Access access(lanes, kh, kw, strides);
   __m256 block[kLanes];  // point-vectors e - e % 8 ... e
   synthesize_points(code, p, kh, kw, 0, 1, [&](int e, const Vec& v) {
-    if (e < full_blocks_end) {
+    if (e < access.transposed_end) {
       block[e % kLanes] = v;
       if (e % kLanes == kLanes - 1) {
         transpose8x8(block);  // block[l]: points e - 7 ... e of lane l
-        for (int l = 0; l < kLanes; ++l) _mm256_storeu_ps(w + l * kk + e - (kLanes - 1), block[l]);
+        for (int l = 0; l < kLanes; ++l) _mm256_storeu_ps(w + l * access.kk + e - (kLanes - 1), block[l]);
       }
+    } else if (access.direct) {
+      v.store(w + e * strides.point);
     } else {
       alignas(32) float lane[kLanes];
       v.store(lane);
-      for (int l = 0; l < lanes; ++l) w[l * kk + e] = lane[l];
+      for (int l = 0; l < lanes; ++l) w[l * strides.lane + e * strides.point] = lane[l];
     }
   });
 }
 
-void akp_grad_avx2(int code, const float* akp, const float* grad_w, int lanes, int kh, int kw, float* grad_akp) {
+void akp_grad_avx2(int code, const float* akp, const float* grad_w, cpu::TileStrides strides, int lanes, int kh,
+                   int kw, float* grad_akp) {
   Vec p[kAkpSlots], grad[kAkpSlots];
   load_akp(akp, lanes, p);
-  const int kk = kh * kw, full_blocks_end = lanes == kLanes ? kk / kLanes * kLanes : 0;
+  const Access access(lanes, kh, kw, strides);
   __m256 block[kLanes];  // point-vectors e - e % 8 ... e - e % 8 + 7
   const auto load_grad = [&](int e) -> Vec {
-    if (e < full_blocks_end) {
+    if (e < access.transposed_end) {
       if (e % kLanes == 0) {
-        for (int l = 0; l < kLanes; ++l) block[l] = _mm256_loadu_ps(grad_w + l * kk + e);
+        for (int l = 0; l < kLanes; ++l) block[l] = _mm256_loadu_ps(grad_w + l * access.kk + e);
         transpose8x8(block);  // block[j]: point e + j of every lane
       }
       return block[e % kLanes];
     }
+    if (access.direct) return Vec::loadu(grad_w + e * strides.point);
     alignas(32) float lane[kLanes] = {};
-    for (int l = 0; l < lanes; ++l) lane[l] = grad_w[l * kk + e];
+    for (int l = 0; l < lanes; ++l) lane[l] = grad_w[l * strides.lane + e * strides.point];
     return Vec::loadu(lane);
   };
   akp_grad_points(code, p, kh, kw, 0, 1, load_grad, grad);

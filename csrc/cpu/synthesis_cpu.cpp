@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 
 #include "cpu/tile_kernels.h"
@@ -24,6 +25,7 @@ namespace acl_fused {
 namespace {
 
 using cpu::TileKernels;
+using cpu::TileStrides;
 
 // The SIMD tile kernels this CPU can run, or nullptr. ATen's CPU capability is honoured too, so
 // ATEN_CPU_CAPABILITY=default turns them off as it does ATen's own vector kernels.
@@ -73,41 +75,76 @@ const TileKernels* tile_kernels_for() {
   return std::is_same_v<T, float> ? simd_tile_kernels() : nullptr;
 }
 
+// A [rows, Cg, kH, kW] tensor as (row, channel, point) strides, point e = i * kW + j: any tensor
+// whose height stride is kW times its width stride, contiguous and channels_last ones included.
+struct SliceStrides {
+  int64_t row, c, point;
+
+  int64_t at(int64_t r, int64_t c_, int64_t e) const { return r * row + c_ * c + e * point; }
+  bool packed(int64_t kk) const { return c == kk && point == 1; }  // a slice's points, slices in a row
+  TileStrides tile() const { return {c, point}; }
+};
+
+std::optional<SliceStrides> slice_strides(const at::Tensor& t) {
+  const int64_t kh = t.size(2), kw = t.size(3);
+  if (kh > 1 && kw > 1 && t.stride(2) != kw * t.stride(3)) return std::nullopt;
+  return SliceStrides{t.stride(0), t.stride(1), kw > 1 ? t.stride(3) : t.stride(2)};
+}
+
+// t itself when it has SliceStrides (a channels_last weight is read in place), else a contiguous copy.
+at::Tensor with_slice_strides(const at::Tensor& t) { return slice_strides(t) ? t : t.contiguous(); }
+
+// Slices c0 ... c0 + n - 1 of one row: dst = src.
+template <typename T>
+void copy_slices(const T* src, SliceStrides from, T* dst, SliceStrides to, int64_t n, int64_t kk) {
+  if (from.packed(kk) && to.packed(kk)) {
+    std::copy_n(src, n * kk, dst);
+    return;
+  }
+  for (int64_t l = 0; l < n; ++l) {
+    for (int64_t e = 0; e < kk; ++e) dst[l * to.c + e * to.point] = src[l * from.c + e * from.point];
+  }
+}
+
 // T: float or double, the compute type (half / bfloat16 arrive as float).
 template <typename T>
-void synthesize_tiles(const SynthesisShape& s, const T* akp, const T* weight, const int* family, const int* row,
-                      T* out) {
+void synthesize_tiles(const SynthesisShape& s, const T* akp, const T* weight, SliceStrides weight_at,
+                      const int* family, const int* row, T* out, SliceStrides out_at) {
   const TileKernels* simd = tile_kernels_for<T>();
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
   for_each_tile(s, simd != nullptr ? simd->width : 1, [&](int64_t o, int64_t c0, int64_t n) {
     const int64_t r = row[o];
-    T* w = out + (o * s.cg + c0) * kk;
+    T* w = out + out_at.at(o, c0, 0);
     if (family[o] == kPlain) {
-      std::copy_n(weight + (r * s.cg + c0) * kk, n * kk, w);
+      copy_slices(weight + weight_at.at(r, c0, 0), weight_at, w, out_at, n, kk);
       return;
     }
     const T* p = akp + (r * s.cg + c0) * kAkpSlots;
     if constexpr (std::is_same_v<T, float>) {
       if (simd != nullptr && n >= kMinSimdLanes) {
-        simd->synthesize(family[o], p, static_cast<int>(n), kh, kw, w);
+        simd->synthesize(family[o], p, static_cast<int>(n), kh, kw, w, out_at.tile());
         return;
       }
     }
-    for (int64_t l = 0; l < n; ++l) synthesize_slice<T>(family[o], p + l * kAkpSlots, kh, kw, 0, 1, w + l * kk);
+    for (int64_t l = 0; l < n; ++l) {
+      synthesize_points(family[o], p + l * kAkpSlots, kh, kw, 0, 1,
+                        [&](int e, T v) { w[l * out_at.c + e * out_at.point] = v; });
+    }
   });
 }
 
-// grad_akp / grad_weight are null when not asked for.
+// grad_akp / grad_weight (contiguous) are null when not asked for.
 template <typename T>
-void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, const T* akp, const int* family, const int* row,
-                    T* grad_akp, T* grad_weight) {
+void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, SliceStrides grad_at, const T* akp, const int* family,
+                    const int* row, T* grad_akp, T* grad_weight) {
   const TileKernels* simd = tile_kernels_for<T>();
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
+  const SliceStrides packed{s.cg * kk, kk, 1};
   for_each_tile(s, simd != nullptr ? simd->width : 1, [&](int64_t o, int64_t c0, int64_t n) {
     const int64_t r = row[o];
-    const T* g = grad_w + (o * s.cg + c0) * kk;
+    const T* g = grad_w + grad_at.at(o, c0, 0);
     if (family[o] == kPlain) {
-      if (grad_weight != nullptr) std::copy_n(g, n * kk, grad_weight + (r * s.cg + c0) * kk);
+      if (grad_weight != nullptr) copy_slices(g, grad_at, grad_weight + packed.at(r, c0, 0), packed, n, kk);
       return;
     }
     if (grad_akp == nullptr) return;
@@ -115,20 +152,20 @@ void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, const T* akp, cons
     T* dst = grad_akp + (r * s.cg + c0) * kAkpSlots;
     if constexpr (std::is_same_v<T, float>) {
       if (simd != nullptr && n >= kMinSimdLanes) {
-        simd->akp_grad(family[o], p, g, static_cast<int>(n), kh, kw, dst);
+        simd->akp_grad(family[o], p, g, grad_at.tile(), static_cast<int>(n), kh, kw, dst);
         return;
       }
     }
     for (int64_t l = 0; l < n; ++l) {
-      T grad[kAkpSlots];
-      akp_grad_slice<T>(family[o], p + l * kAkpSlots, kh, kw, 0, 1, g + l * kk, grad);
-      std::copy_n(grad, kAkpSlots, dst + l * kAkpSlots);
+      akp_grad_points(family[o], p + l * kAkpSlots, kh, kw, 0, 1,
+                      [&](int e) { return g[l * grad_at.c + e * grad_at.point]; }, dst + l * kAkpSlots);
     }
   });
 }
 
-// W [C_out, Cg, kH, kW] in akp's dtype, synthesized into the contiguous tensor new_out(numel,
-// compute dtype) returns (half / bfloat16: in float32, rounded once).
+// W [C_out, Cg, kH, kW] in akp's dtype, synthesized into new_out(shape, compute dtype) (a tensor
+// of W's shape with SliceStrides) and returned in its layout (half / bfloat16: computed in
+// float32, rounded once).
 template <typename NewOut>
 at::Tensor synthesize_with(const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
                            const at::Tensor& row, at::IntArrayRef kernel_size, const NewOut& new_out) {
@@ -136,21 +173,23 @@ at::Tensor synthesize_with(const at::Tensor& akp, const std::optional<at::Tensor
   check_layout_values(family, row, s);
   const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
   const at::Tensor akp_c = akp.to(compute).contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
-  const at::Tensor weight_c = weight.has_value() ? weight->to(compute).contiguous() : at::Tensor();
-  at::Tensor out = new_out(s.slices() * s.kh * s.kw, akp.options().dtype(compute)).view({s.c_out, s.cg, s.kh, s.kw});
+  const at::Tensor weight_c = weight.has_value() ? with_slice_strides(weight->to(compute)) : at::Tensor();
+  at::Tensor out = new_out(s, akp.options().dtype(compute));
   AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize", [&] {
     synthesize_tiles<scalar_t>(s, akp_c.const_data_ptr<scalar_t>(),
                                weight_c.defined() ? weight_c.const_data_ptr<scalar_t>() : nullptr,
+                               weight_c.defined() ? *slice_strides(weight_c) : SliceStrides{},
                                family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
-                               out.mutable_data_ptr<scalar_t>());
+                               out.mutable_data_ptr<scalar_t>(), *slice_strides(out));
   });
   return out.to(akp.scalar_type());
 }
 
 at::Tensor synthesize_cpu(const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
                           const at::Tensor& row, at::IntArrayRef kernel_size) {
-  return synthesize_with(akp, weight, family, row, kernel_size,
-                         [](int64_t numel, const at::TensorOptions& options) { return at::empty({numel}, options); });
+  return synthesize_with(akp, weight, family, row, kernel_size, [](const SynthesisShape& s, at::TensorOptions options) {
+    return at::empty({s.c_out, s.cg, s.kh, s.kw}, options);
+  });
 }
 
 // The first `numel` elements of a buffer this thread keeps between calls, grown to the largest
@@ -175,14 +214,14 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   check_layout_values(family, row, s);
   // grad_W is taken in akp's dtype first, as on CUDA.
   const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
-  const at::Tensor grad_c = grad_W.to(akp.scalar_type()).to(compute).contiguous();
+  const at::Tensor grad_c = with_slice_strides(grad_W.to(akp.scalar_type()).to(compute));
   const at::Tensor akp_c = akp.to(compute).contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
   const at::TensorOptions options = akp.options().dtype(compute);
   at::Tensor grad_akp = output_mask[0] ? at::empty_like(akp_c) : at::empty({0}, options);
   at::Tensor grad_weight =
       output_mask[1] ? at::empty({s.num_plain, s.cg, s.kh, s.kw}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize_backward", [&] {
-    akp_grad_tiles<scalar_t>(s, grad_c.const_data_ptr<scalar_t>(), akp_c.const_data_ptr<scalar_t>(),
+    akp_grad_tiles<scalar_t>(s, grad_c.const_data_ptr<scalar_t>(), *slice_strides(grad_c), akp_c.const_data_ptr<scalar_t>(),
                              family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
                              output_mask[0] ? grad_akp.mutable_data_ptr<scalar_t>() : nullptr,
                              output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr);
@@ -197,9 +236,17 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
 // pages back in on every call. Measured (2 threads, AMD EPYC VM): F.conv2d of a [4, 256, 7, 7]
 // input with a 256->256 3x3 weight takes 1.0 ms with a reused weight and 2.5 ms (1170 page
 // faults) with a fresh copy each call. The buffer costs the largest W this thread synthesized.
+// W is laid out as the convolution wants it (channels_last for a channels_last input: oneDNN would
+// otherwise copy it, forward and backward).
 at::Tensor synthesize_conv_weight_cpu(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                                      const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size) {
-  return synthesize_with(akp, weight, family, row, kernel_size, reused_buffer);
+                                      const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
+                                      at::MemoryFormat memory_format) {
+  return synthesize_with(akp, weight, family, row, kernel_size, [&](const SynthesisShape& s, at::TensorOptions options) {
+    const at::Tensor flat = reused_buffer(s.slices() * s.kh * s.kw, options);
+    return memory_format == at::MemoryFormat::ChannelsLast
+               ? flat.view({s.c_out, s.kh, s.kw, s.cg}).permute({0, 3, 1, 2})
+               : flat.view({s.c_out, s.cg, s.kh, s.kw});
+  });
 }
 
 TORCH_LIBRARY_IMPL(acl_fused, CPU, m) {

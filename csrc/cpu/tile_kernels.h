@@ -9,15 +9,26 @@
 // instructions, so a wheel built here still runs on any x86-64 CPU. This header is all the two
 // sides share: plain pointers, no vector types (and no inline code: see synthesis_avx2.cpp).
 
+#include <cstdint>
+
 namespace acl_fused {
 namespace cpu {
 
+// Where a tile's weights are: point e = i * kw + j of lane l at w[l * lane + e * point]. A
+// contiguous [C_out, Cg, kH, kW] tensor has (lane, point) = (kH * kW, 1), a channels_last one (1, Cg).
+struct TileStrides {
+  int64_t lane, point;
+};
+
 struct TileKernels {
   int width;  // slices per tile (SIMD lanes)
-  // w [lanes, kh, kw] = the slices' kernels from akp [lanes, kAkpSlots] (raw AKPs of family `code`).
-  void (*synthesize)(int code, const float* akp, int lanes, int kh, int kw, float* w);
-  // grad_akp [lanes, kAkpSlots] = the AKP gradients (0 in unused slots) for grad_w [lanes, kh, kw].
-  void (*akp_grad)(int code, const float* akp, const float* grad_w, int lanes, int kh, int kw, float* grad_akp);
+  // w [lanes, kh, kw] (at `strides`) = the slices' kernels from akp [lanes, kAkpSlots] (raw AKPs
+  // of family `code`).
+  void (*synthesize)(int code, const float* akp, int lanes, int kh, int kw, float* w, TileStrides strides);
+  // grad_akp [lanes, kAkpSlots] = the AKP gradients (0 in unused slots) for grad_w [lanes, kh, kw]
+  // (at `strides`).
+  void (*akp_grad)(int code, const float* akp, const float* grad_w, TileStrides strides, int lanes, int kh, int kw,
+                   float* grad_akp);
 };
 
 // AVX2 + FMA kernels (8 lanes), built where GCC targets x86-64 (synthesis_avx2.cpp asks for the
