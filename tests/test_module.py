@@ -6,6 +6,9 @@ import copy
 import io
 import math
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -412,29 +415,43 @@ def test_torch_compile_matches_eager():
     torch._dynamo.reset()
 
 
-def test_ddp_single_process_matches_plain_training(tmp_path):
-    """DistributedDataParallel (gloo, world size 1, file store): one SGD step gives the same
-    gradients and parameters as the bare module."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+#: One SGD step of a layer (backend argv[2]) bare and under DistributedDataParallel (gloo, world
+#: size 1, file store argv[1]); run in a process of its own with tests/ as its working directory.
+DDP_STEP = r"""
+import copy, os, sys
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from test_module import ALL_FAMILIES, layer, perturbed
 
-    torch.manual_seed(11)
-    bare = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
-    wrapped_module = copy.deepcopy(bare)
-    x, target = torch.randn(4, 3, 6, 6), torch.randn(4, 9, 6, 6)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        ddp = DistributedDataParallel(wrapped_module)
-        results = []
-        for model, params in ((bare, list(bare.parameters())), (ddp, list(wrapped_module.parameters()))):
-            opt = torch.optim.SGD(params, lr=0.1)
-            F.mse_loss(model(x), target).backward()
-            results.append([p.grad.clone() for p in params])
-            opt.step()
-    finally:
-        dist.destroy_process_group()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(bare.parameters(), wrapped_module.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert wrapped_module.layout == bare.layout
+torch.manual_seed(11)
+bare = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1, backend=sys.argv[2]))
+wrapped_module = copy.deepcopy(bare)
+x, target = torch.randn(4, 3, 6, 6), torch.randn(4, 9, 6, 6)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+ddp = DistributedDataParallel(wrapped_module)
+results = []
+for model, params in ((bare, list(bare.parameters())), (ddp, list(wrapped_module.parameters()))):
+    opt = torch.optim.SGD(params, lr=0.1)
+    F.mse_loss(model(x), target).backward()
+    results.append([p.grad.clone() for p in params])
+    opt.step()
+for a, b in zip(*results):
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+for a, b in zip(bare.parameters(), wrapped_module.parameters()):
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+assert wrapped_module.layout == bare.layout
+print("same gradients and parameters", flush=True)
+os._exit(0)  # no gloo teardown: its destructor can deadlock on the GIL (pytorch/pytorch#75097)
+"""
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_ddp_single_process_matches_plain_training(tmp_path, backend):
+    """DistributedDataParallel (gloo, world size 1): one SGD step gives the same gradients and
+    parameters as the bare module. In a process of its own: a process group is process-wide
+    state, and tearing a gloo one down hung this suite once (in ProcessGroupGloo's destructor)."""
+    done = subprocess.run([sys.executable, "-c", DDP_STEP, str(tmp_path / "store"), backend], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "same gradients and parameters" in done.stdout, done.stdout + done.stderr

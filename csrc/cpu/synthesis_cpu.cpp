@@ -221,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   at::Tensor grad_weight =
       output_mask[1] ? at::empty({s.num_plain, s.cg, s.kh, s.kw}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize_backward", [&] {
-    akp_grad_tiles<scalar_t>(s, grad_c.const_data_ptr<scalar_t>(), *slice_strides(grad_c), akp_c.const_data_ptr<scalar_t>(),
-                             family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
+    akp_grad_tiles<scalar_t>(s, grad_c.const_data_ptr<scalar_t>(), *slice_strides(grad_c),
+                             akp_c.const_data_ptr<scalar_t>(), family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
                              output_mask[0] ? grad_akp.mutable_data_ptr<scalar_t>() : nullptr,
                              output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr);
   });
@@ -241,12 +241,13 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
 at::Tensor synthesize_conv_weight_cpu(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                                       const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
                                       at::MemoryFormat memory_format) {
-  return synthesize_with(akp, weight, family, row, kernel_size, [&](const SynthesisShape& s, at::TensorOptions options) {
+  const auto in_reused_buffer = [&](const SynthesisShape& s, at::TensorOptions options) {
     const at::Tensor flat = reused_buffer(s.slices() * s.kh * s.kw, options);
     return memory_format == at::MemoryFormat::ChannelsLast
                ? flat.view({s.c_out, s.kh, s.kw, s.cg}).permute({0, 3, 1, 2})
                : flat.view({s.c_out, s.cg, s.kh, s.kw});
-  });
+  };
+  return synthesize_with(akp, weight, family, row, kernel_size, in_reused_buffer);
 }
 
 TORCH_LIBRARY_IMPL(acl_fused, CPU, m) {
