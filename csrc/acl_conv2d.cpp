@@ -1,5 +1,5 @@
 // acl_conv2d: synthesis kernels around ATen's convolution (oneDNN on CPU, cuDNN on CUDA).
-// Device-agnostic: each device's W comes from its SynthesizeFn (ops.h), and cpu/ and cuda/
+// Device-agnostic: each device's W comes from its Synthesis (ops.h), and cpu/ and cuda/
 // register the instantiation for their device. W is recomputed in the backward, never saved.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
@@ -50,13 +50,21 @@ at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.optio
 
 }  // namespace
 
-at::Tensor synthesize_conv_weight_dispatched(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                                             const at::Tensor& family, const at::Tensor& row,
-                                             at::IntArrayRef kernel_size, at::MemoryFormat memory_format) {
+at::Tensor DispatchedSynthesis::weight(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                                      const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
+                                      at::MemoryFormat memory_format) {
   return dispatch::synthesize(akp, weight, family, row, kernel_size).contiguous(memory_format);
 }
 
-template <SynthesizeFn synthesize_w>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> DispatchedSynthesis::weight_and_grads(
+    const at::Tensor& grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+    const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format,
+    bool want_weight) {
+  auto [grad_akp, grad_weight] = dispatch::synthesize_backward(grad_W, akp, family, row, {true, want_weight});
+  return {DispatchedSynthesis::weight(akp, weight, family, row, kernel_size, memory_format), grad_akp, grad_weight};
+}
+
+template <typename Synthesis>
 at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                       const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -69,12 +77,12 @@ at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std:
   }
   // Synthesized in the parameters' dtype (float32 for autocast), then one cast to the conv dtype.
   const at::Tensor w =
-      synthesize_w(akp, weight, family, row, kernel_size, input.suggest_memory_format()).to(input.scalar_type());
+      Synthesis::weight(akp, weight, family, row, kernel_size, input.suggest_memory_format()).to(input.scalar_type());
   const PaddedInput p = pad_input(input, padding);
   return at::convolution(p.x, w, bias, stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups);
 }
 
-template <SynthesizeFn synthesize_w>
+template <typename Synthesis>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
     const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
@@ -90,42 +98,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   if (!(want_input || want_w || want_bias)) {
     return {grad_input, grad_akp, grad_weight, grad_bias};
   }
-  // The weight and bias gradients do not depend on W's values (only grad_input does): without
-  // grad_input, W is not synthesized and the convolution gets an uninitialised tensor of W's shape.
+  const at::ScalarType dtype = input.scalar_type();
   const at::MemoryFormat memory_format = input.suggest_memory_format();
-  const at::Tensor w =
-      want_input ? synthesize_w(akp, weight, family, row, kernel_size, memory_format).to(input.scalar_type())
-                 : at::empty({c_out, akp.size(1), kernel_size[0], kernel_size[1]},
-                             input.options().memory_format(memory_format));
   const PaddedInput p = pad_input(input, padding);
   const std::vector<int64_t> bias_sizes{c_out};
-  auto [gx, gw, gb] = at::convolution_backward(
-      grad_output.to(input.scalar_type()), p.x, w, want_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-      stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups, {want_input, want_w, want_bias});
+  const auto convolution_backward = [&](const at::Tensor& w, std::array<bool, 3> mask) {
+    return at::convolution_backward(grad_output.to(dtype), p.x, w,
+                                    mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
+                                    p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups, mask);
+  };
+  // The weight and bias gradients do not read W's values (only grad_input does): they get an
+  // uninitialised tensor of W's shape.
+  const at::Tensor shape_only =
+      at::empty({c_out, akp.size(1), kernel_size[0], kernel_size[1]}, input.options().memory_format(memory_format));
+  at::Tensor gx, gw, gb;
+  if (want_input && want_akp) {
+    // Weight gradient first, then W and the AKP gradient from one pass (their exp / cos once),
+    // then grad_input: one synthesis pass less than W, convolution, AKP gradient.
+    std::tie(std::ignore, gw, gb) = convolution_backward(shape_only, {false, true, want_bias});
+    at::Tensor w;
+    std::tie(w, grad_akp, grad_weight) = Synthesis::weight_and_grads(gw.to(akp.scalar_type()), akp, weight, family,
+                                                                     row, kernel_size, memory_format, want_weight);
+    gx = std::get<0>(convolution_backward(w.to(dtype), {true, false, false}));
+  } else {
+    const at::Tensor w =
+        want_input ? Synthesis::weight(akp, weight, family, row, kernel_size, memory_format).to(dtype) : shape_only;
+    std::tie(gx, gw, gb) = convolution_backward(w, {want_input, want_w, want_bias});
+    if (want_w) {
+      std::tie(grad_akp, grad_weight) =
+          dispatch::synthesize_backward(gw.to(akp.scalar_type()), akp, family, row, {want_akp, want_weight});
+    }
+  }
   if (want_input) {
     grad_input = p.x.is_same(input)
                      ? gx
                      : gx.narrow(2, p.top_extra, input.size(2)).narrow(3, p.left_extra, input.size(3));
   }
   if (want_bias) grad_bias = gb;
-  if (want_w) {
-    std::tie(grad_akp, grad_weight) =
-        dispatch::synthesize_backward(gw.to(akp.scalar_type()), akp, family, row, {want_akp, want_weight});
-  }
   return {grad_input, grad_akp, grad_weight, grad_bias};
 }
 
-#define ACL_FUSED_INSTANTIATE(synthesize_w)                                                                 \
-  template at::Tensor acl_conv2d<synthesize_w>(                                                            \
+#define ACL_FUSED_INSTANTIATE(Synthesis)                                                                    \
+  template at::Tensor acl_conv2d<Synthesis>(                                                               \
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,            \
       const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, \
       at::IntArrayRef, int64_t);                                                                          \
-  template std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward<synthesize_w>(    \
+  template std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward<Synthesis>(       \
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,            \
       const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,              \
       at::IntArrayRef, int64_t, std::array<bool, 4>);
-ACL_FUSED_INSTANTIATE(&synthesize_conv_weight_dispatched)
-ACL_FUSED_INSTANTIATE(&synthesize_conv_weight_cpu)
+ACL_FUSED_INSTANTIATE(DispatchedSynthesis)
+ACL_FUSED_INSTANTIATE(CpuSynthesis)
 #undef ACL_FUSED_INSTANTIATE
 
 }  // namespace acl_fused

@@ -5,7 +5,8 @@
 // Everything works on one (o, c) slice. A family object is built from the slice's raw AKPs
 // (the per-slice constants: pos(), cos θ, sin θ, reciprocals, computed once) and then
 //   value(x, y)              K at grid point (x, y);
-//   add_grad(x, y, g, acc)   acc += g * (dK/dp without the per-slice factors);
+//   add_grad(x, y, g, acc)   acc += g * (dK/dp without the per-slice factors), and returns K at
+//                            (x, y) from the same exp / cos (a caller that ignores it pays nothing);
 //   finish(acc)              multiplies the per-slice factors in (d pos / ds, a, 1/σ^n, ...),
 // so acc[k] ends as Σ g · dK/dp_k over the points visited. finish() is linear: a kernel may split
 // a slice's points over several threads, finish each partial sum, and add the partials.
@@ -99,18 +100,19 @@ struct Gabor {
     const T xr = rot.xr(x, y), yr = rot.yr(x, y);
     return a * math::exp(-(xr * xr + gamma2 * yr * yr) * inv_2s2) * math::cos(k * xr + psi);
   }
-  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+  C10_HOST_DEVICE T add_grad(T x, T y, T g, T* acc) const {
     const T xr = rot.xr(x, y), yr = rot.yr(x, y);
     const T q = xr * xr + gamma2 * yr * yr;
-    const T ge = g * math::exp(-q * inv_2s2);
+    const T envelope = math::exp(-q * inv_2s2), ge = g * envelope;
     const T phase = k * xr + psi;
-    const T gec = ge * math::cos(phase), ges = ge * math::sin(phase);
+    const T c = math::cos(phase), gec = ge * c, ges = ge * math::sin(phase);
     acc[0] += gec;
     acc[1] += yr * (gec * xr * theta_mix + ges * k);
     acc[2] += gec * q;
     acc[3] += gec * yr * yr;
     acc[4] += ges * xr;
     acc[5] += ges;
+    return a * envelope * c;
   }
   C10_HOST_DEVICE void finish(T* acc) const {
     const T s = sigma.value;
@@ -135,11 +137,12 @@ struct LoG {
     const T t = (x * x + y * y) * inv_2s2;
     return a * (T(1) - t) * math::exp(-t);
   }
-  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+  C10_HOST_DEVICE T add_grad(T x, T y, T g, T* acc) const {
     const T t = (x * x + y * y) * inv_2s2;
-    const T ge = g * math::exp(-t);
+    const T e = math::exp(-t), ge = g * e;
     acc[0] += ge * (T(1) - t);
     acc[1] += ge * t * (T(2) - t);
+    return a * (T(1) - t) * e;
   }
   C10_HOST_DEVICE void finish(T* acc) const { acc[1] *= T(2) * a / sigma.value * sigma.grow; }
 };
@@ -156,11 +159,13 @@ struct LoT {
     const T r = math::sqrt(x * x + y * y);
     return a * (math::relu(T(1) - r / rho.value) - T(0.25) * math::relu(T(1) - r / two_rho));
   }
-  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+  C10_HOST_DEVICE T add_grad(T x, T y, T g, T* acc) const {
     const T r = math::sqrt(x * x + y * y);
     const T inner = T(1) - r / rho.value, outer = T(1) - r / two_rho;
-    acc[0] += g * (math::relu(inner) - T(0.25) * math::relu(outer));
+    const T tents = math::relu(inner) - T(0.25) * math::relu(outer);
+    acc[0] += g * tents;
     acc[1] += g * r * (math::if_positive(inner, T(1)) - math::if_positive(outer, T(0.125)));
+    return a * tents;
   }
   C10_HOST_DEVICE void finish(T* acc) const { acc[1] *= a / (rho.value * rho.value) * rho.grow; }
 };
@@ -189,7 +194,7 @@ struct Tgd1 {
     lobes(rot.xr(x, y), rot.yr(x, y), plus, minus);
     return a * (plus - minus);
   }
-  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+  C10_HOST_DEVICE T add_grad(T x, T y, T g, T* acc) const {
     const T xr = rot.xr(x, y), yr = rot.yr(x, y), s = sigma.value;
     T plus, minus;
     lobes(xr, yr, plus, minus);
@@ -197,6 +202,7 @@ struct Tgd1 {
     acc[0] += d;
     acc[1] += yr * (gp + gm);
     acc[2] += xr * (gp * (xr - s) - gm * (xr + s)) + d * yr * yr;
+    return a * (plus - minus);
   }
   C10_HOST_DEVICE void finish(T* acc) const {
     const T s = sigma.value;
@@ -229,7 +235,7 @@ struct Tgd2 {
     lobes(rot.xr(x, y), rot.yr(x, y), narrow, wide);
     return a * (narrow - T(0.5) * wide);
   }
-  C10_HOST_DEVICE void add_grad(T x, T y, T g, T* acc) const {
+  C10_HOST_DEVICE T add_grad(T x, T y, T g, T* acc) const {
     const T xr = rot.xr(x, y), yr = rot.yr(x, y);
     T narrow, wide;
     lobes(xr, yr, narrow, wide);
@@ -237,6 +243,7 @@ struct Tgd2 {
     acc[0] += d;
     acc[1] += xr * yr * gw;
     acc[2] += xr * xr * (gn - T(0.125) * gw) + d * yr * yr;
+    return a * (narrow - T(0.5) * wide);
   }
   C10_HOST_DEVICE void finish(T* acc) const {
     const T s = sigma.value;
@@ -251,7 +258,10 @@ struct Mean {
   T a, area;
   C10_HOST_DEVICE Mean(const T* p, T area_) : a(p[0]), area(area_) {}
   C10_HOST_DEVICE T value(T, T) const { return a / area; }
-  C10_HOST_DEVICE void add_grad(T, T, T g, T* acc) const { acc[0] += g; }
+  C10_HOST_DEVICE T add_grad(T, T, T g, T* acc) const {
+    acc[0] += g;
+    return a / area;
+  }
   C10_HOST_DEVICE void finish(T* acc) const { acc[0] /= area; }
 };
 
@@ -300,14 +310,23 @@ C10_HOST_DEVICE void synthesize_points(int code, const T* p, int kh, int kw, int
 
 // grad[k] = Σ g(e) · dK_code(p)[e] / dp_k over elements e = first, first + step, ... < kh * kw,
 // for all kAkpSlots slots (unused slots get 0); g(e) gives the weight gradient at element e.
+// store(e, K_code(p) at element e) at the same elements: the kernel and its AKP gradient in one
+// walk, every exp / cos computed once (store may do nothing).
+template <typename T, typename LoadGrad, typename Store>
+C10_HOST_DEVICE void akp_grad_and_synthesize_points(int code, const T* p, int kh, int kw, int first, int step,
+                                                    LoadGrad&& g, Store&& store, T* grad) {
+  for (int k = 0; k < kAkpSlots; ++k) grad[k] = T(0);
+  visit_family(code, p, kh, kw, [&](const auto& family) {
+    for_each_point<T>(kh, kw, first, step, [&](int e, T x, T y) { store(e, family.add_grad(x, y, g(e), grad)); });
+    family.finish(grad);
+  });
+}
+
+// akp_grad_and_synthesize_points without the kernel.
 template <typename T, typename LoadGrad>
 C10_HOST_DEVICE void akp_grad_points(int code, const T* p, int kh, int kw, int first, int step, LoadGrad&& g,
                                      T* grad) {
-  for (int k = 0; k < kAkpSlots; ++k) grad[k] = T(0);
-  visit_family(code, p, kh, kw, [&](const auto& family) {
-    for_each_point<T>(kh, kw, first, step, [&](int e, T x, T y) { family.add_grad(x, y, g(e), grad); });
-    family.finish(grad);
-  });
+  akp_grad_and_synthesize_points(code, p, kh, kw, first, step, g, [](int, const T&) {}, grad);
 }
 
 // w[e] = K_code(p) at elements e = first, first + step, ... < kh * kw of one analytic slice.

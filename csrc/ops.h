@@ -28,31 +28,38 @@ SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at
 // CUDA the kernels assert instead, so that no call synchronises).
 void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape);
 
-// How a device's acl_conv2d kernels get the W their convolution uses: acl_fused::synthesize's
-// result in the convolution's memory format.
-using SynthesizeFn = at::Tensor (*)(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                                    const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
-                                    at::MemoryFormat memory_format);
+// Where a device's acl_conv2d kernels get W (the synthesize op's result, in the convolution's
+// memory format) and, for the backward, W with the gradients of the synthesize_backward op.
+//   weight(akp, weight, family, row, kernel_size, memory_format) -> W
+//   weight_and_grads(grad_W, akp, weight, family, row, kernel_size, memory_format, want_weight)
+//       -> (W, grad_akp, grad_weight: empty [0] when not wanted)
+// DispatchedSynthesis (CUDA) calls the ops (the caching allocator reuses W's memory; a format copy
+// is the one cuDNN would make); CpuSynthesis (cpu/) writes W in the format, into a buffer each
+// thread reuses, and computes W and the gradients in one pass.
+#define ACL_FUSED_DECLARE_SYNTHESIS(Name)                                                                     \
+  struct Name {                                                                                               \
+    static at::Tensor weight(const at::Tensor& akp, const std::optional<at::Tensor>& weight,                  \
+                             const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,     \
+                             at::MemoryFormat memory_format);                                                  \
+    static std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_and_grads(                                    \
+        const at::Tensor& grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,              \
+        const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,                          \
+        at::MemoryFormat memory_format, bool want_weight);                                                     \
+  };
+ACL_FUSED_DECLARE_SYNTHESIS(DispatchedSynthesis)
+ACL_FUSED_DECLARE_SYNTHESIS(CpuSynthesis)
+#undef ACL_FUSED_DECLARE_SYNTHESIS
 
-// CUDA: the op, then a copy where the format differs (cuDNN would make the same copy).
-at::Tensor synthesize_conv_weight_dispatched(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                                             const at::Tensor& family, const at::Tensor& row,
-                                             at::IntArrayRef kernel_size, at::MemoryFormat memory_format);
-// CPU: written in the format, in a buffer reused by the next call on this thread (cpu/).
-at::Tensor synthesize_conv_weight_cpu(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                                      const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
-                                      at::MemoryFormat memory_format);
-
-// The CPU / CUDA kernel of acl_fused::acl_conv2d (device-agnostic around synthesize_w;
-// instantiated in acl_conv2d.cpp for the two SynthesizeFns above).
-template <SynthesizeFn synthesize_w>
+// The CPU / CUDA kernel of acl_fused::acl_conv2d (device-agnostic around Synthesis;
+// instantiated in acl_conv2d.cpp for the two above).
+template <typename Synthesis>
 at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                       const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, int64_t groups);
 
 // The CPU / CUDA kernel of acl_fused::acl_conv2d_backward.
-template <SynthesizeFn synthesize_w>
+template <typename Synthesis>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
     const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,

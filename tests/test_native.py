@@ -426,6 +426,24 @@ def test_channels_last_weights_and_gradients_are_read_and_written_in_place(exten
     assert torch.equal(grad_akp, expected[0]) and torch.equal(grad_weight, expected[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_backward_w_from_the_akp_gradient_pass_is_the_forward_w(extension, dtype, memory_format):
+    """With grad_input and the AKP gradient both wanted, the CPU backward synthesizes W in the pass
+    that computes the AKP gradient (csrc/acl_conv2d.cpp); without the AKP gradient it synthesizes W
+    alone. Both must give the same grad_input (the same W, up to rounding)."""
+    akp, weight, layout = make_inputs(MOSAIC, 16, (3, 3), dtype=dtype)
+    x = torch.randn(2, 16, 6, 5, dtype=dtype).contiguous(memory_format=memory_format)
+    conv = ConvArgs.make(padding=1)
+    grad_x = {}
+    for with_akp in (True, False):
+        leaves = [t.detach().requires_grad_(want) for t, want in ((x, True), (akp, with_akp), (weight, False))]
+        y = native.conv2d(*leaves, layout, None, conv, (3, 3))
+        y.backward(torch.ones_like(y))
+        grad_x[with_akp] = leaves[0].grad
+    assert rel_err(grad_x[True], grad_x[False]) <= (1e-14 if dtype == torch.float64 else 1e-6)
+
+
 def test_autograd_kernels_are_the_cpp_ones(extension):
     """Every op's autograd is registered at the Autograd key by csrc/autograd.cpp (C++, one
     registration for every device), not in Python (torch.library.register_autograd re-packs the

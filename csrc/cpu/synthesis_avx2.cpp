@@ -117,30 +117,45 @@ struct Access {
         direct(lanes == kLanes && s.lane == 1) {}
 };
 
-void synthesize_avx2(int code, const float* akp, int lanes, int kh, int kw, float* w, cpu::TileStrides strides) {
-  Vec p[kAkpSlots];
-  load_akp(akp, lanes, p);
-  const Access access(lanes, kh, kw, strides);
-  __m256 block[kLanes];  // point-vectors e - e % 8 ... e
-  synthesize_points(code, p, kh, kw, 0, 1, [&](int e, const Vec& v) {
-    if (e < access.transposed_end) {
-      block[e % kLanes] = v;
+// Stores a tile's point-vectors, given in point order, at `strides`.
+class PointStore {
+ public:
+  PointStore(float* w, int lanes, int kh, int kw, cpu::TileStrides strides)
+      : w_(w), lanes_(lanes), access_(lanes, kh, kw, strides), strides_(strides) {}
+
+  void operator()(int e, const Vec& v) {
+    if (e < access_.transposed_end) {
+      block_[e % kLanes] = v;
       if (e % kLanes == kLanes - 1) {
-        transpose8x8(block);  // block[l]: points e - 7 ... e of lane l
-        for (int l = 0; l < kLanes; ++l) _mm256_storeu_ps(w + l * access.kk + e - (kLanes - 1), block[l]);
+        transpose8x8(block_);  // block_[l]: points e - 7 ... e of lane l
+        for (int l = 0; l < kLanes; ++l) _mm256_storeu_ps(w_ + l * access_.kk + e - (kLanes - 1), block_[l]);
       }
-    } else if (access.direct) {
-      v.store(w + e * strides.point);
+    } else if (access_.direct) {
+      v.store(w_ + e * strides_.point);
     } else {
       alignas(32) float lane[kLanes];
       v.store(lane);
-      for (int l = 0; l < lanes; ++l) w[l * strides.lane + e * strides.point] = lane[l];
+      for (int l = 0; l < lanes_; ++l) w_[l * strides_.lane + e * strides_.point] = lane[l];
     }
-  });
+  }
+
+ private:
+  float* w_;
+  int lanes_;
+  Access access_;
+  cpu::TileStrides strides_;
+  __m256 block_[kLanes];  // point-vectors e - e % 8 ... e
+};
+
+void synthesize_avx2(int code, const float* akp, int lanes, int kh, int kw, float* w, cpu::TileStrides strides) {
+  Vec p[kAkpSlots];
+  load_akp(akp, lanes, p);
+  PointStore store(w, lanes, kh, kw, strides);
+  synthesize_points(code, p, kh, kw, 0, 1, store);
 }
 
 void akp_grad_avx2(int code, const float* akp, const float* grad_w, cpu::TileStrides strides, int lanes, int kh,
-                   int kw, float* grad_akp) {
+                   int kw, float* grad_akp, float* w, cpu::TileStrides w_strides) {
   Vec p[kAkpSlots], grad[kAkpSlots];
   load_akp(akp, lanes, p);
   const Access access(lanes, kh, kw, strides);
@@ -158,7 +173,12 @@ void akp_grad_avx2(int code, const float* akp, const float* grad_w, cpu::TileStr
     for (int l = 0; l < lanes; ++l) lane[l] = grad_w[l * strides.lane + e * strides.point];
     return Vec::loadu(lane);
   };
-  akp_grad_points(code, p, kh, kw, 0, 1, load_grad, grad);
+  if (w != nullptr) {
+    PointStore store(w, lanes, kh, kw, w_strides);
+    akp_grad_and_synthesize_points(code, p, kh, kw, 0, 1, load_grad, store, grad);
+  } else {
+    akp_grad_points(code, p, kh, kw, 0, 1, load_grad, grad);
+  }
   store_akp_grad(grad, lanes, grad_akp);
 }
 

@@ -133,18 +133,23 @@ void synthesize_tiles(const SynthesisShape& s, const T* akp, const T* weight, Sl
   });
 }
 
-// grad_akp / grad_weight (contiguous) are null when not asked for.
+// grad_akp / grad_weight (contiguous) are null when not asked for. Where w is not null (then
+// grad_akp is not either), the same pass also writes W at w_at: plain rows from weight, analytic
+// ones from the exp / cos their gradients use.
 template <typename T>
-void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, SliceStrides grad_at, const T* akp, const int* family,
-                    const int* row, T* grad_akp, T* grad_weight) {
+void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, SliceStrides grad_at, const T* akp, const T* weight,
+                    SliceStrides weight_at, const int* family, const int* row, T* grad_akp, T* grad_weight, T* w,
+                    SliceStrides w_at) {
   const TileKernels* simd = tile_kernels_for<T>();
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
   const SliceStrides packed{s.cg * kk, kk, 1};
   for_each_tile(s, simd != nullptr ? simd->width : 1, [&](int64_t o, int64_t c0, int64_t n) {
     const int64_t r = row[o];
     const T* g = grad_w + grad_at.at(o, c0, 0);
+    T* w_tile = w == nullptr ? nullptr : w + w_at.at(o, c0, 0);
     if (family[o] == kPlain) {
       if (grad_weight != nullptr) copy_slices(g, grad_at, grad_weight + packed.at(r, c0, 0), packed, n, kk);
+      if (w_tile != nullptr) copy_slices(weight + weight_at.at(r, c0, 0), weight_at, w_tile, w_at, n, kk);
       return;
     }
     if (grad_akp == nullptr) return;
@@ -152,13 +157,17 @@ void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, SliceStrides grad_
     T* dst = grad_akp + (r * s.cg + c0) * kAkpSlots;
     if constexpr (std::is_same_v<T, float>) {
       if (simd != nullptr && n >= kMinSimdLanes) {
-        simd->akp_grad(family[o], p, g, grad_at.tile(), static_cast<int>(n), kh, kw, dst);
+        simd->akp_grad(family[o], p, g, grad_at.tile(), static_cast<int>(n), kh, kw, dst, w_tile, w_at.tile());
         return;
       }
     }
     for (int64_t l = 0; l < n; ++l) {
-      akp_grad_points(family[o], p + l * kAkpSlots, kh, kw, 0, 1,
-                      [&](int e) { return g[l * grad_at.c + e * grad_at.point]; }, dst + l * kAkpSlots);
+      akp_grad_and_synthesize_points(
+          family[o], p + l * kAkpSlots, kh, kw, 0, 1, [&](int e) { return g[l * grad_at.c + e * grad_at.point]; },
+          [&](int e, T v) {
+            if (w_tile != nullptr) w_tile[l * w_at.c + e * w_at.point] = v;
+          },
+          dst + l * kAkpSlots);
     }
   });
 }
@@ -207,26 +216,48 @@ at::Tensor reused_buffer(int64_t numel, const at::TensorOptions& options) {
   return buffer.narrow(0, 0, numel);
 }
 
-std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& grad_W, const at::Tensor& akp,
-                                                           const at::Tensor& family, const at::Tensor& row,
-                                                           std::array<bool, 2> output_mask) {
+// (grad_akp, grad_weight) as synthesize_backward_cpu returns them; where w is defined (a tensor
+// of W's shape with SliceStrides, in the compute dtype) the same pass also writes W into it.
+std::tuple<at::Tensor, at::Tensor> akp_grads(const at::Tensor& grad_W, const at::Tensor& akp,
+                                             const std::optional<at::Tensor>& weight, const at::Tensor& family,
+                                             const at::Tensor& row, std::array<bool, 2> output_mask,
+                                             const at::Tensor& w) {
   const SynthesisShape s = check_synthesize_backward_args(grad_W, akp, family, row);
   check_layout_values(family, row, s);
   // grad_W is taken in akp's dtype first, as on CUDA.
   const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
   const at::Tensor grad_c = with_slice_strides(grad_W.to(akp.scalar_type()).to(compute));
   const at::Tensor akp_c = akp.to(compute).contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
+  const at::Tensor weight_c = weight.has_value() ? with_slice_strides(weight->to(compute)) : at::Tensor();
   const at::TensorOptions options = akp.options().dtype(compute);
   at::Tensor grad_akp = output_mask[0] ? at::empty_like(akp_c) : at::empty({0}, options);
   at::Tensor grad_weight =
       output_mask[1] ? at::empty({s.num_plain, s.cg, s.kh, s.kw}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize_backward", [&] {
     akp_grad_tiles<scalar_t>(s, grad_c.const_data_ptr<scalar_t>(), *slice_strides(grad_c),
-                             akp_c.const_data_ptr<scalar_t>(), family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
+                             akp_c.const_data_ptr<scalar_t>(),
+                             weight_c.defined() ? weight_c.const_data_ptr<scalar_t>() : nullptr,
+                             weight_c.defined() ? *slice_strides(weight_c) : SliceStrides{},
+                             family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
                              output_mask[0] ? grad_akp.mutable_data_ptr<scalar_t>() : nullptr,
-                             output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr);
+                             output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr,
+                             w.defined() ? w.mutable_data_ptr<scalar_t>() : nullptr,
+                             w.defined() ? *slice_strides(w) : SliceStrides{});
   });
   return {grad_akp.to(akp.scalar_type()), grad_weight.to(akp.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& grad_W, const at::Tensor& akp,
+                                                           const at::Tensor& family, const at::Tensor& row,
+                                                           std::array<bool, 2> output_mask) {
+  return akp_grads(grad_W, akp, std::nullopt, family, row, output_mask, at::Tensor());
+}
+
+// W [C_out, Cg, kH, kW] in `memory_format`, viewing the first elements of this thread's reused buffer.
+at::Tensor conv_weight_buffer(const SynthesisShape& s, at::TensorOptions options, at::MemoryFormat memory_format) {
+  const at::Tensor flat = reused_buffer(s.slices() * s.kh * s.kw, options);
+  return memory_format == at::MemoryFormat::ChannelsLast ? flat.view({s.c_out, s.kh, s.kw, s.cg}).permute({0, 3, 1, 2})
+                                                         : flat.view({s.c_out, s.cg, s.kh, s.kw});
 }
 
 }  // namespace
@@ -238,23 +269,29 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
 // faults) with a fresh copy each call. The buffer costs the largest W this thread synthesized.
 // W is laid out as the convolution wants it (channels_last for a channels_last input: oneDNN would
 // otherwise copy it, forward and backward).
-at::Tensor synthesize_conv_weight_cpu(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                                      const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
-                                      at::MemoryFormat memory_format) {
-  const auto in_reused_buffer = [&](const SynthesisShape& s, at::TensorOptions options) {
-    const at::Tensor flat = reused_buffer(s.slices() * s.kh * s.kw, options);
-    return memory_format == at::MemoryFormat::ChannelsLast
-               ? flat.view({s.c_out, s.kh, s.kw, s.cg}).permute({0, 3, 1, 2})
-               : flat.view({s.c_out, s.cg, s.kh, s.kw});
-  };
-  return synthesize_with(akp, weight, family, row, kernel_size, in_reused_buffer);
+at::Tensor CpuSynthesis::weight(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                                const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
+                                at::MemoryFormat memory_format) {
+  return synthesize_with(akp, weight, family, row, kernel_size, [&](const SynthesisShape& s, at::TensorOptions o) {
+    return conv_weight_buffer(s, o, memory_format);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
+    const at::Tensor& grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+    const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format,
+    bool want_weight) {
+  const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
+  const at::Tensor w = conv_weight_buffer(s, akp.options().dtype(at::toOpMathType(akp.scalar_type())), memory_format);
+  auto [grad_akp, grad_weight] = akp_grads(grad_W, akp, weight, family, row, {true, want_weight}, w);
+  return {w.to(akp.scalar_type()), grad_akp, grad_weight};
 }
 
 TORCH_LIBRARY_IMPL(acl_fused, CPU, m) {
   m.impl("synthesize", &synthesize_cpu);
   m.impl("synthesize_backward", &synthesize_backward_cpu);
-  m.impl("acl_conv2d", &acl_conv2d<&synthesize_conv_weight_cpu>);
-  m.impl("acl_conv2d_backward", &acl_conv2d_backward<&synthesize_conv_weight_cpu>);
+  m.impl("acl_conv2d", &acl_conv2d<CpuSynthesis>);
+  m.impl("acl_conv2d_backward", &acl_conv2d_backward<CpuSynthesis>);
 }
 
 }  // namespace acl_fused

@@ -26,9 +26,10 @@ struct TileKernels {
   // of family `code`).
   void (*synthesize)(int code, const float* akp, int lanes, int kh, int kw, float* w, TileStrides strides);
   // grad_akp [lanes, kAkpSlots] = the AKP gradients (0 in unused slots) for grad_w [lanes, kh, kw]
-  // (at `strides`).
+  // (at `strides`); and, where w is not null, w [lanes, kh, kw] (at `w_strides`) = the kernels,
+  // from the same exp / cos.
   void (*akp_grad)(int code, const float* akp, const float* grad_w, TileStrides strides, int lanes, int kh, int kw,
-                   float* grad_akp);
+                   float* grad_akp, float* w, TileStrides w_strides);
 };
 
 // AVX2 + FMA kernels (8 lanes), built where GCC targets x86-64 (synthesis_avx2.cpp asks for the

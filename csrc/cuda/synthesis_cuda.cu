@@ -170,9 +170,8 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
 TORCH_LIBRARY_IMPL(acl_fused, CUDA, m) {
   m.impl("synthesize", &synthesize_cuda);
   m.impl("synthesize_backward", &synthesize_backward_cuda);
-  // The caching allocator already hands W's memory back from call to call.
-  m.impl("acl_conv2d", &acl_conv2d<&synthesize_conv_weight_dispatched>);
-  m.impl("acl_conv2d_backward", &acl_conv2d_backward<&synthesize_conv_weight_dispatched>);
+  m.impl("acl_conv2d", &acl_conv2d<DispatchedSynthesis>);
+  m.impl("acl_conv2d_backward", &acl_conv2d_backward<DispatchedSynthesis>);
 }
 
 }  // namespace acl_fused
