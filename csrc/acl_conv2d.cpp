@@ -64,6 +64,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> DispatchedSynthesis::weight_and_g
   return {DispatchedSynthesis::weight(akp, weight, family, row, kernel_size, memory_format), grad_akp, grad_weight};
 }
 
+at::Tensor DispatchedSynthesis::unfilled_weight(at::IntArrayRef sizes, at::TensorOptions options,
+                                                at::MemoryFormat memory_format) {
+  return at::empty(sizes, options.memory_format(memory_format));
+}
+
 template <typename Synthesis>
 at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                       const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
@@ -108,21 +113,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
                                     p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups, mask);
   };
   // The weight and bias gradients do not read W's values (only grad_input does): they get an
-  // uninitialised tensor of W's shape.
-  const at::Tensor shape_only =
-      at::empty({c_out, akp.size(1), kernel_size[0], kernel_size[1]}, input.options().memory_format(memory_format));
+  // unfilled tensor of W's shape.
+  const auto shape_only = [&] {
+    return Synthesis::unfilled_weight({c_out, akp.size(1), kernel_size[0], kernel_size[1]}, input.options(),
+                                      memory_format);
+  };
   at::Tensor gx, gw, gb;
   if (want_input && want_akp) {
     // Weight gradient first, then W and the AKP gradient from one pass (their exp / cos once),
     // then grad_input: one synthesis pass less than W, convolution, AKP gradient.
-    std::tie(std::ignore, gw, gb) = convolution_backward(shape_only, {false, true, want_bias});
+    std::tie(std::ignore, gw, gb) = convolution_backward(shape_only(), {false, true, want_bias});
     at::Tensor w;
     std::tie(w, grad_akp, grad_weight) = Synthesis::weight_and_grads(gw.to(akp.scalar_type()), akp, weight, family,
                                                                      row, kernel_size, memory_format, want_weight);
+    gw.reset();  // before grad_input's convolution, which can then reuse its memory
     gx = std::get<0>(convolution_backward(w.to(dtype), {true, false, false}));
   } else {
     const at::Tensor w =
-        want_input ? Synthesis::weight(akp, weight, family, row, kernel_size, memory_format).to(dtype) : shape_only;
+        want_input ? Synthesis::weight(akp, weight, family, row, kernel_size, memory_format).to(dtype) : shape_only();
     std::tie(gx, gw, gb) = convolution_backward(w, {want_input, want_w, want_bias});
     if (want_w) {
       std::tie(grad_akp, grad_weight) =

@@ -33,9 +33,12 @@ void check_layout_values(const at::Tensor& family, const at::Tensor& row, const 
 //   weight(akp, weight, family, row, kernel_size, memory_format) -> W
 //   weight_and_grads(grad_W, akp, weight, family, row, kernel_size, memory_format, want_weight)
 //       -> (W, grad_akp, grad_weight: empty [0] when not wanted)
+//   unfilled_weight(sizes, options, memory_format) -> a tensor of W's shape whose values are never
+//       read (the weight gradient's convolution needs one for its shape)
 // DispatchedSynthesis (CUDA) calls the ops (the caching allocator reuses W's memory; a format copy
 // is the one cuDNN would make); CpuSynthesis (cpu/) writes W in the format, into a buffer each
-// thread reuses, and computes W and the gradients in one pass.
+// thread reuses (every W-sized tensor here: glibc's malloc would fault fresh ones in each call),
+// and computes W and the gradients in one pass.
 #define ACL_FUSED_DECLARE_SYNTHESIS(Name)                                                                     \
   struct Name {                                                                                               \
     static at::Tensor weight(const at::Tensor& akp, const std::optional<at::Tensor>& weight,                  \
@@ -45,6 +48,8 @@ void check_layout_values(const at::Tensor& family, const at::Tensor& row, const 
         const at::Tensor& grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,              \
         const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,                          \
         at::MemoryFormat memory_format, bool want_weight);                                                     \
+    static at::Tensor unfilled_weight(at::IntArrayRef sizes, at::TensorOptions options,                        \
+                                      at::MemoryFormat memory_format);                                          \
   };
 ACL_FUSED_DECLARE_SYNTHESIS(DispatchedSynthesis)
 ACL_FUSED_DECLARE_SYNTHESIS(CpuSynthesis)

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <type_traits>
 
@@ -201,15 +202,14 @@ at::Tensor synthesize_cpu(const at::Tensor& akp, const std::optional<at::Tensor>
   });
 }
 
-// The first `numel` elements of a buffer this thread keeps between calls, grown to the largest
-// request; a new buffer replaces it when the last view handed out is still alive (anyone may
-// keep a tensor they were given) or the dtype changes.
+// The first `numel` elements of a buffer this thread keeps between calls (one per dtype), grown
+// to the largest request; a new buffer replaces it when the last view handed out is still alive
+// (anyone may keep a tensor they were given).
 at::Tensor reused_buffer(int64_t numel, const at::TensorOptions& options) {
-  thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.storage().use_count() > 1 || buffer.scalar_type() != options.dtype() ||
-      buffer.numel() < numel) {
-    const int64_t capacity =
-        buffer.defined() && buffer.scalar_type() == options.dtype() ? std::max(numel, buffer.numel()) : numel;
+  thread_local std::array<at::Tensor, static_cast<size_t>(at::ScalarType::NumOptions)> buffers;
+  at::Tensor& buffer = buffers[static_cast<size_t>(options.dtype().toScalarType())];
+  if (!buffer.defined() || buffer.storage().use_count() > 1 || buffer.numel() < numel) {
+    const int64_t capacity = buffer.defined() ? std::max(numel, buffer.numel()) : numel;
     buffer = at::Tensor();  // the old buffer goes first, so that its memory can be the new one's
     buffer = at::empty({capacity}, options);
   }
@@ -253,11 +253,13 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   return akp_grads(grad_W, akp, std::nullopt, family, row, output_mask, at::Tensor());
 }
 
-// W [C_out, Cg, kH, kW] in `memory_format`, viewing the first elements of this thread's reused buffer.
-at::Tensor conv_weight_buffer(const SynthesisShape& s, at::TensorOptions options, at::MemoryFormat memory_format) {
-  const at::Tensor flat = reused_buffer(s.slices() * s.kh * s.kw, options);
-  return memory_format == at::MemoryFormat::ChannelsLast ? flat.view({s.c_out, s.kh, s.kw, s.cg}).permute({0, 3, 1, 2})
-                                                         : flat.view({s.c_out, s.cg, s.kh, s.kw});
+// A [C_out, Cg, kH, kW] tensor in `memory_format`, viewing the first elements of this thread's
+// reused buffer of its dtype.
+at::Tensor conv_weight_buffer(at::IntArrayRef sizes, at::TensorOptions options, at::MemoryFormat memory_format) {
+  const int64_t c_out = sizes[0], cg = sizes[1], kh = sizes[2], kw = sizes[3];
+  const at::Tensor flat = reused_buffer(c_out * cg * kh * kw, options);
+  return memory_format == at::MemoryFormat::ChannelsLast ? flat.view({c_out, kh, kw, cg}).permute({0, 3, 1, 2})
+                                                         : flat.view({c_out, cg, kh, kw});
 }
 
 }  // namespace
@@ -273,8 +275,13 @@ at::Tensor CpuSynthesis::weight(const at::Tensor& akp, const std::optional<at::T
                                 const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
                                 at::MemoryFormat memory_format) {
   return synthesize_with(akp, weight, family, row, kernel_size, [&](const SynthesisShape& s, at::TensorOptions o) {
-    return conv_weight_buffer(s, o, memory_format);
+    return conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw}, o, memory_format);
   });
+}
+
+at::Tensor CpuSynthesis::unfilled_weight(at::IntArrayRef sizes, at::TensorOptions options,
+                                         at::MemoryFormat memory_format) {
+  return conv_weight_buffer(sizes, options, memory_format);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
@@ -282,7 +289,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
     const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format,
     bool want_weight) {
   const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
-  const at::Tensor w = conv_weight_buffer(s, akp.options().dtype(at::toOpMathType(akp.scalar_type())), memory_format);
+  const at::Tensor w = conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw},
+                                          akp.options().dtype(at::toOpMathType(akp.scalar_type())), memory_format);
   auto [grad_akp, grad_weight] = akp_grads(grad_W, akp, weight, family, row, {true, want_weight}, w);
   return {w.to(akp.scalar_type()), grad_akp, grad_weight};
 }
