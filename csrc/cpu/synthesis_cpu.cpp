@@ -268,7 +268,7 @@ at::Tensor conv_weight_buffer(at::IntArrayRef sizes, at::TensorOptions options, 
 // buffer: glibc's malloc returns a freed multi-MB block to the OS, and a fresh W faults all its
 // pages back in on every call. Measured (2 threads, AMD EPYC VM): F.conv2d of a [4, 256, 7, 7]
 // input with a 256->256 3x3 weight takes 1.0 ms with a reused weight and 2.5 ms (1170 page
-// faults) with a fresh copy each call. The buffer costs the largest W this thread synthesized.
+// faults) with a fresh copy each call. The buffers cost the largest W of each dtype on this thread.
 // W is laid out as the convolution wants it (channels_last for a channels_last input: oneDNN would
 // otherwise copy it, forward and backward).
 at::Tensor CpuSynthesis::weight(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
