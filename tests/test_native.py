@@ -30,6 +30,7 @@ from acl_fused.conv_args import ConvArgs
 from acl_fused.families import AKP_COUNT
 from acl_fused.layout import Layout
 from acl_fused.validation import Problem, make_problem
+from acl_cases import TOL, Case
 from conftest import rel_err, skip_or_fail_unavailable
 
 F_ = Family
@@ -370,6 +371,26 @@ def test_backward_saves_inputs_only_and_recomputes_w(extension):
     assert x.grad is not None and akp.grad is not None
 
 
+#: float64 native vs float64 oracle: round-off only (tighter than TOL, which is for every backend).
+FLOAT64_BOUND = 1e-12
+
+
+def native_matches_reference_on_cpu(case: Case, dtype: torch.dtype, seed: int = 0,
+                                    memory_format=torch.contiguous_format):
+    """Runs ``case`` through the native backend on CPU tensors (input and plain weight in
+    ``memory_format``) and asserts output and gradients against the float64 oracle (SPEC §6).
+    Returns the (akp, weight, layout) it used."""
+    (x, akp, weight, bias), layout = case.tensors(dtype, seed)
+    x, akp, weight, bias = (None if t is None else t.cpu() for t in (x, akp, weight, bias))
+    x, weight = x.contiguous(memory_format=memory_format), weight.contiguous(memory_format=memory_format)
+    y, grads = case.run("native", x, akp, weight, bias, layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
+    bound = FLOAT64_BOUND if dtype == torch.float64 else TOL[dtype]
+    assert rel_err(y, y_ref) <= bound
+    assert all(rel_err(g, g_ref) <= bound for g, g_ref in zip(grads, grads_ref))
+    return akp, weight, layout
+
+
 def test_conv_weight_buffer_follows_size_and_dtype_changes(extension):
     """On the CPU the convolution's W is synthesized into a buffer reused from call to call
     (csrc/cpu/synthesis_cpu.cpp): layers of growing and shrinking W and of both dtypes, called in
@@ -378,18 +399,8 @@ def test_conv_weight_buffer_follows_size_and_dtype_changes(extension):
               (9, (5, 4), torch.float32), (3, (2, 2), torch.float64)]
     for _ in range(2):
         for seed, (cg, kernel_size, dtype) in enumerate(layers):
-            akp, weight, layout = make_inputs(MOSAIC, cg, kernel_size, dtype=dtype, seed=seed)
-            x = torch.randn(2, cg, 7, 6, dtype=dtype)
-            leaves = [t.requires_grad_() for t in (x, akp, weight)]
-            conv = ConvArgs.make(padding=1)
-            y = native.conv2d(x, akp, weight, layout, None, conv, kernel_size)
-            grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
-            leaves64 = [t.detach().double().requires_grad_() for t in leaves]   # SPEC §6: a float64 reference
-            y_ref = reference.acl_conv2d(*leaves64[:3], layout.codes, padding=1, kernel_size=kernel_size)
-            grads_ref = torch.autograd.grad(y_ref, leaves64, torch.ones_like(y_ref))
-            bound = 1e-12 if dtype == torch.float64 else 1e-5
-            assert rel_err(y, y_ref) < bound
-            assert all(rel_err(g, g_ref) < bound for g, g_ref in zip(grads, grads_ref))
+            case = Case(f"buffer{seed}", MOSAIC, cg, kernel_size, hw=(7, 6), conv={"padding": 1})
+            native_matches_reference_on_cpu(case, dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -401,25 +412,14 @@ def test_channels_last_weights_and_gradients_are_read_and_written_in_place(exten
     (16 channels), partial ones (11) and one slice at a time (float64; 3 channels) against the
     float64 reference."""
     cl = torch.channels_last
-    akp, weight, layout = make_inputs(MOSAIC, cg, kernel_size, dtype=dtype)
-    weight = weight.contiguous(memory_format=cl)
-    x = torch.randn(2, cg, 7, 6, dtype=dtype).contiguous(memory_format=cl)
-    leaves = [t.requires_grad_() for t in (x, akp, weight)]
-    y = native.conv2d(x, akp, weight, layout, None, ConvArgs.make(padding=1), kernel_size)
-    grad_y = torch.randn_like(y)
-    grads = torch.autograd.grad(y, leaves, grad_y)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    y_ref = reference.acl_conv2d(*leaves64, layout.codes, padding=1, kernel_size=kernel_size)
-    grads_ref = torch.autograd.grad(y_ref, leaves64, grad_y.double())
-    bound = 1e-12 if dtype == torch.float64 else 1e-5
-    assert rel_err(y, y_ref) < bound
-    assert all(rel_err(g, g_ref) < bound for g, g_ref in zip(grads, grads_ref))
+    case = Case("channels_last", MOSAIC, cg, kernel_size, hw=(7, 6), conv={"padding": 1})
+    akp, weight, layout = native_matches_reference_on_cpu(case, dtype, memory_format=cl)
     # The ops alone: a channels_last weight in, a channels_last weight gradient in.
     family, row = layout_args(layout)
     with torch.no_grad():
         w = ops.synthesize(akp, weight, family, row, list(kernel_size))
-        w_ref = reference.synthesize_layout(*leaves64[1:], layout, kernel_size)
-        assert w.is_contiguous() and rel_err(w, w_ref) < bound
+        w_ref = reference.synthesize_layout(akp.double(), weight.double(), layout, kernel_size)
+        assert w.is_contiguous() and rel_err(w, w_ref) <= (FLOAT64_BOUND if dtype == torch.float64 else TOL[dtype])
         grad_w = torch.randn_like(w).contiguous(memory_format=cl)
         grad_akp, grad_weight = ops.synthesize_backward(grad_w, akp, family, row, [True, True])
         expected = ops.synthesize_backward(grad_w.contiguous(), akp, family, row, [True, True])
