@@ -6,7 +6,8 @@
 // (the per-slice constants: pos(), cos θ, sin θ, reciprocals, computed once) and then
 //   value(x, y)              K at grid point (x, y);
 //   add_grad(x, y, g, acc)   acc += g * (dK/dp without the per-slice factors), and returns K at
-//                            (x, y) from the same exp / cos (a caller that ignores it pays nothing);
+//                            (x, y) from the same exp / cos (callers that only want the gradient
+//                            ignore it);
 //   finish(acc)              multiplies the per-slice factors in (d pos / ds, a, 1/σ^n, ...),
 // so acc[k] ends as Σ g · dK/dp_k over the points visited. finish() is linear: a kernel may split
 // a slice's points over several threads, finish each partial sum, and add the partials.
