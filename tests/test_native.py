@@ -175,8 +175,9 @@ def test_all_analytic_and_all_plain(extension, codes):
 #: partial tile, one full tile, a full tile plus a one-slice remainder, two plus one.
 SIMD_CG = [1, 7, 8, 9, 17]
 #: Grid points around the 8-point transpose blocks: 1, 6 (none), 8 (one), 9 and 15 (one plus a
-#: remainder), 16 (two), 20.
-SIMD_KERNELS = [(1, 1), (2, 3), (2, 4), (3, 3), (5, 3), (4, 4), (4, 5)]
+#: remainder), 16 (two), 20; 121, the most a tile takes, and 132, which runs one slice at a time.
+#: Odd and even point counts: a centre that is its own mirror, or none.
+SIMD_KERNELS = [(1, 1), (2, 3), (2, 4), (3, 3), (5, 3), (4, 4), (4, 5), (11, 11), (12, 11)]
 REPO = Path(__file__).resolve().parents[1]
 
 

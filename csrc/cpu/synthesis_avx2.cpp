@@ -49,6 +49,17 @@
 #include "families.h"
 
 namespace acl_fused {
+namespace math {
+// One SLEEF call for both (at::vec has no sincos); 3.5 ulp, as Vectorized<float>'s sin and cos.
+template <>
+inline void sincos<at::vec::Vectorized<float>>(const at::vec::Vectorized<float>& v, at::vec::Vectorized<float>& s,
+                                              at::vec::Vectorized<float>& c) {
+  const Sleef___m256_2 both = Sleef_sincosf8_u35(v);
+  s = both.x;
+  c = both.y;
+}
+}  // namespace math
+
 namespace cpu {
 namespace {
 
@@ -103,79 +114,96 @@ void store_akp_grad(const Vec* grad, int lanes, float* grad_akp) {
   }
 }
 
+constexpr int kMaxPoints = 128;  // kernels up to 11x11: a tile buffer is 4 KiB of stack
+
+// A tile's point-vectors, in point order: the formulas visit mirror pairs (e, kk - 1 - e), while
+// memory is read and written in point order (8x8 transposes want 8 consecutive points).
+// (No heap fallback for larger kernels: std::unique_ptr's inline code compiled here for AVX2
+// could be what the linker keeps for the other objects.)
+class TileBuffer {
+ public:
+  Vec get(int e) const { return Vec::loadu(data_ + e * kLanes); }
+  void set(int e, const Vec& v) { v.store(data_ + e * kLanes); }
+  float* point(int e) { return data_ + e * kLanes; }
+
+ private:
+  alignas(32) float data_[kMaxPoints * kLanes];
+};
+
 // How a tile's point-vectors meet memory: full tiles of slice-major weights (lane stride kH*kW,
 // point stride 1) go 8 points at a time through transposes, full tiles of lane-major weights
 // (channels_last: lane stride 1) move a point-vector with one load or store, and the rest
 // (remainder points, partial tiles) lane by lane.
 struct Access {
-  int kk, transposed_end;  // points [0, transposed_end) go through the 8x8 transposes
-  bool direct;             // one vector load / store per point
+  int lanes, kk, transposed_end;  // points [0, transposed_end) go through the 8x8 transposes
+  bool direct;                    // one vector load / store per point
+  cpu::TileStrides strides;
 
-  Access(int lanes, int kh, int kw, cpu::TileStrides s)
-      : kk(kh * kw),
-        transposed_end(lanes == kLanes && s.lane == kk && s.point == 1 ? kk / kLanes * kLanes : 0),
-        direct(lanes == kLanes && s.lane == 1) {}
+  Access(int lanes_, int kh, int kw, cpu::TileStrides s)
+      : lanes(lanes_),
+        kk(kh * kw),
+        transposed_end(lanes_ == kLanes && s.lane == kk && s.point == 1 ? kk / kLanes * kLanes : 0),
+        direct(lanes_ == kLanes && s.lane == 1),
+        strides(s) {}
 };
 
-// Stores a tile's point-vectors, given in point order, at `strides`.
-class PointStore {
- public:
-  PointStore(float* w, int lanes, int kh, int kw, cpu::TileStrides strides)
-      : w_(w), lanes_(lanes), access_(lanes, kh, kw, strides), strides_(strides) {}
-
-  void operator()(int e, const Vec& v) {
-    if (e < access_.transposed_end) {
-      block_[e % kLanes] = v;
-      if (e % kLanes == kLanes - 1) {
-        transpose8x8(block_);  // block_[l]: points e - 7 ... e of lane l
-        for (int l = 0; l < kLanes; ++l) _mm256_storeu_ps(w_ + l * access_.kk + e - (kLanes - 1), block_[l]);
-      }
-    } else if (access_.direct) {
-      v.store(w_ + e * strides_.point);
-    } else {
-      alignas(32) float lane[kLanes];
-      v.store(lane);
-      for (int l = 0; l < lanes_; ++l) w_[l * strides_.lane + e * strides_.point] = lane[l];
-    }
+// buf = the tile at src (lanes past `lanes` get 0).
+void load_tile(const float* src, const Access& a, TileBuffer& buf) {
+  for (int e0 = 0; e0 < a.transposed_end; e0 += kLanes) {
+    __m256 block[kLanes];
+    for (int l = 0; l < kLanes; ++l) block[l] = _mm256_loadu_ps(src + l * a.kk + e0);
+    transpose8x8(block);  // block[j]: point e0 + j of every lane
+    for (int j = 0; j < kLanes; ++j) buf.set(e0 + j, block[j]);
   }
+  for (int e = a.transposed_end; e < a.kk; ++e) {
+    if (a.direct) {
+      buf.set(e, Vec::loadu(src + e * a.strides.point));
+      continue;
+    }
+    float* lane = buf.point(e);
+    for (int l = 0; l < kLanes; ++l) lane[l] = l < a.lanes ? src[l * a.strides.lane + e * a.strides.point] : 0.f;
+  }
+}
 
- private:
-  float* w_;
-  int lanes_;
-  Access access_;
-  cpu::TileStrides strides_;
-  __m256 block_[kLanes];  // point-vectors e - e % 8 ... e
-};
+// The tile at dst = buf (its first `lanes` lanes).
+void store_tile(const TileBuffer& buf, const Access& a, float* dst) {
+  for (int e0 = 0; e0 < a.transposed_end; e0 += kLanes) {
+    __m256 block[kLanes];
+    for (int j = 0; j < kLanes; ++j) block[j] = buf.get(e0 + j);
+    transpose8x8(block);  // block[l]: points e0 ... e0 + 7 of lane l
+    for (int l = 0; l < kLanes; ++l) _mm256_storeu_ps(dst + l * a.kk + e0, block[l]);
+  }
+  for (int e = a.transposed_end; e < a.kk; ++e) {
+    if (a.direct) {
+      buf.get(e).store(dst + e * a.strides.point);
+      continue;
+    }
+    alignas(32) float lane[kLanes];
+    buf.get(e).store(lane);
+    for (int l = 0; l < a.lanes; ++l) dst[l * a.strides.lane + e * a.strides.point] = lane[l];
+  }
+}
 
 void synthesize_avx2(int code, const float* akp, int lanes, int kh, int kw, float* w, cpu::TileStrides strides) {
   Vec p[kAkpSlots];
   load_akp(akp, lanes, p);
-  PointStore store(w, lanes, kh, kw, strides);
-  synthesize_points(code, p, kh, kw, 0, 1, store);
+  TileBuffer buf;
+  synthesize_points(code, p, kh, kw, 0, 1, [&](int e, const Vec& v) { buf.set(e, v); });
+  store_tile(buf, Access(lanes, kh, kw, strides), w);
 }
 
 void akp_grad_avx2(int code, const float* akp, const float* grad_w, cpu::TileStrides strides, int lanes, int kh,
                    int kw, float* grad_akp, float* w, cpu::TileStrides w_strides) {
   Vec p[kAkpSlots], grad[kAkpSlots];
   load_akp(akp, lanes, p);
-  const Access access(lanes, kh, kw, strides);
-  __m256 block[kLanes];  // point-vectors e - e % 8 ... e - e % 8 + 7
-  const auto load_grad = [&](int e) -> Vec {
-    if (e < access.transposed_end) {
-      if (e % kLanes == 0) {
-        for (int l = 0; l < kLanes; ++l) block[l] = _mm256_loadu_ps(grad_w + l * access.kk + e);
-        transpose8x8(block);  // block[j]: point e + j of every lane
-      }
-      return block[e % kLanes];
-    }
-    if (access.direct) return Vec::loadu(grad_w + e * strides.point);
-    alignas(32) float lane[kLanes] = {};
-    for (int l = 0; l < lanes; ++l) lane[l] = grad_w[l * strides.lane + e * strides.point];
-    return Vec::loadu(lane);
-  };
+  TileBuffer buf;
+  load_tile(grad_w, Access(lanes, kh, kw, strides), buf);
+  const auto load_grad = [&](int e) { return buf.get(e); };
   if (w != nullptr) {
-    PointStore store(w, lanes, kh, kw, w_strides);
-    akp_grad_and_synthesize_points(code, p, kh, kw, 0, 1, load_grad, store, grad);
+    // K replaces g in buf: the walk reads a pair's g before it stores the pair's K.
+    akp_grad_and_synthesize_points(code, p, kh, kw, 0, 1, load_grad, [&](int e, const Vec& v) { buf.set(e, v); },
+                                   grad);
+    store_tile(buf, Access(lanes, kh, kw, w_strides), w);
   } else {
     akp_grad_points(code, p, kh, kw, 0, 1, load_grad, grad);
   }
@@ -184,7 +212,7 @@ void akp_grad_avx2(int code, const float* akp, const float* grad_w, cpu::TileStr
 
 }  // namespace
 
-extern const TileKernels kAvx2TileKernels{kLanes, &synthesize_avx2, &akp_grad_avx2};
+extern const TileKernels kAvx2TileKernels{kLanes, kMaxPoints, &synthesize_avx2, &akp_grad_avx2};
 
 }  // namespace cpu
 }  // namespace acl_fused

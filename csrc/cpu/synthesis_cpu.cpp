@@ -2,8 +2,8 @@
 // to `width` consecutive slices (o, c0), (o, c0 + 1), ... of one output channel, each tile done
 // start to finish by one thread (no reduction across threads). float32 tiles of an analytic
 // channel run the SIMD tile kernels (tile_kernels.h, one lane per slice) where the CPU has them;
-// float64, one-slice tiles, and float32 without them run families.h one slice at a time. half / bfloat16 are
-// computed in float32 and rounded once. Also registers the acl_conv2d composite for CPU.
+// float64, one-slice tiles, kernels larger than the tiles take (11x11), and float32 without them
+// run families.h one slice at a time. half / bfloat16 are computed in float32 and rounded once. Also registers the acl_conv2d composite for CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -70,10 +70,11 @@ void for_each_tile(const SynthesisShape& s, int64_t width, const Fn& fn) {
   });
 }
 
-// The SIMD kernels for compute type T (float only), or nullptr.
+// The SIMD kernels for compute type T (float only) and kernels of this size, or nullptr.
 template <typename T>
-const TileKernels* tile_kernels_for() {
-  return std::is_same_v<T, float> ? simd_tile_kernels() : nullptr;
+const TileKernels* tile_kernels_for(const SynthesisShape& s) {
+  const TileKernels* simd = std::is_same_v<T, float> ? simd_tile_kernels() : nullptr;
+  return simd != nullptr && s.kh * s.kw <= simd->max_points ? simd : nullptr;
 }
 
 // A [rows, Cg, kH, kW] tensor as (row, channel, point) strides, point e = i * kW + j: any tensor
@@ -111,7 +112,7 @@ void copy_slices(const T* src, SliceStrides from, T* dst, SliceStrides to, int64
 template <typename T>
 void synthesize_tiles(const SynthesisShape& s, const T* akp, const T* weight, SliceStrides weight_at,
                       const int* family, const int* row, T* out, SliceStrides out_at) {
-  const TileKernels* simd = tile_kernels_for<T>();
+  const TileKernels* simd = tile_kernels_for<T>(s);
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
   for_each_tile(s, simd != nullptr ? simd->width : 1, [&](int64_t o, int64_t c0, int64_t n) {
     const int64_t r = row[o];
@@ -141,7 +142,7 @@ template <typename T>
 void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, SliceStrides grad_at, const T* akp, const T* weight,
                     SliceStrides weight_at, const int* family, const int* row, T* grad_akp, T* grad_weight, T* w,
                     SliceStrides w_at) {
-  const TileKernels* simd = tile_kernels_for<T>();
+  const TileKernels* simd = tile_kernels_for<T>(s);
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
   const SliceStrides packed{s.cg * kk, kk, 1};
   for_each_tile(s, simd != nullptr ? simd->width : 1, [&](int64_t o, int64_t c0, int64_t n) {

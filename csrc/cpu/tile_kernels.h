@@ -21,7 +21,8 @@ struct TileStrides {
 };
 
 struct TileKernels {
-  int width;  // slices per tile (SIMD lanes)
+  int width;       // slices per tile (SIMD lanes)
+  int max_points;  // largest kH * kW the kernels take
   // w [lanes, kh, kw] (at `strides`) = the slices' kernels from akp [lanes, kAkpSlots] (raw AKPs
   // of family `code`).
   void (*synthesize)(int code, const float* akp, int lanes, int kh, int kw, float* w, TileStrides strides);

@@ -24,9 +24,10 @@ namespace {
 
 constexpr int kThreads = 256;  // a multiple of the warp size: groups stay inside warps
 
-// Lanes per slice: the largest power of two <= min(kH*kW, warp size) (8 for 3x3, 32 from 6x6).
+// Lanes per slice: the largest power of two <= min(mirror pairs (kH*kW + 1) / 2, warp size) (4 for
+// 3x3, 32 from 8x8): each lane walks its share of the pairs (families.h for_each_pair).
 int lanes_per_slice(const SynthesisShape& s) {
-  const int64_t limit = std::min<int64_t>(s.kh * s.kw, C10_WARP_SIZE);
+  const int64_t limit = std::min<int64_t>((s.kh * s.kw + 1) / 2, C10_WARP_SIZE);
   int lanes = 1;
   while (lanes * 2 <= limit) lanes *= 2;
   return lanes;
