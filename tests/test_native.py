@@ -12,6 +12,7 @@ missing, built without CUDA, dtype); torch.compile; and, on a GPU, CUDA against 
 from __future__ import annotations
 
 import ctypes
+import math
 import importlib
 import inspect
 import os
@@ -27,7 +28,7 @@ import torch
 from acl_fused import AnalyticConv2d, BackendUnavailable, Family, dispatch, reference
 from acl_fused.backends import native
 from acl_fused.conv_args import ConvArgs
-from acl_fused.families import AKP_COUNT
+from acl_fused.families import AKP_COUNT, AKP_NAMES
 from acl_fused.layout import Layout
 from acl_fused.validation import Problem, make_problem
 from acl_cases import TOL, Case
@@ -214,6 +215,71 @@ def test_float32_simd_tiles_match_reference_per_family(extension, cg, kernel_siz
                 assert rel_err(grad_akp[rows, :, k], grad_akp_ref[rows, :, k]) <= 1e-5, f"{f.name} slot {k}"
     assert torch.all(grad_akp[~used_slots(layout).expand_as(grad_akp)] == 0)
     assert torch.equal(grad_weight, grad_w.float()[list(layout.plain_channels)])
+
+
+def wide_range_akps(codes, cg: int) -> torch.Tensor:
+    """float64 raw AKPs [A, cg, 6] for an all-analytic layout ``codes``: amplitudes N(0, 1), angles
+    and phases in (-3 pi, 3 pi), raw scales in [-3, 5] (sigma, gamma, rho from 0.05 to 150 pixels)
+    and raw wavelengths in [0, 5] (lambda >= 1 pixel: shorter ones put phases where float32 itself
+    cannot meet 1e-5)."""
+    akp = torch.empty(len(codes), cg, 6, dtype=torch.float64)
+    for r, f in enumerate(codes):
+        for k, name in enumerate(AKP_NAMES[f]):
+            low, high = {"a": (0, 0), "theta": (-3 * math.pi, 3 * math.pi), "psi": (-3 * math.pi, 3 * math.pi),
+                         "s_lambda": (0, 5)}.get(name, (-3, 5))
+            akp[r, :, k] = torch.randn(cg, dtype=torch.float64) if name == "a" else torch.empty(
+                cg, dtype=torch.float64).uniform_(low, high)
+    return akp
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (4, 5)], ids=str)
+def test_float32_simd_tiles_over_wide_akp_ranges(extension, kernel_size):
+    """Scales from a twentieth of a pixel to far beyond the kernel, any angle and phase: the tiles'
+    exp and sincos over the arguments they meet, underflow included. Each family's W and AKP
+    gradients meet SPEC's float32 bound, and every slice of W on its own meets it too, or where
+    float32 itself cannot (an exp of -50 carries 50 times the rounding of its argument), stays
+    within twice the error of the reference formula evaluated in float32."""
+    codes = ANALYTIC * 4
+    torch.manual_seed(5)
+    akp = wide_range_akps(codes, 16)
+    layout = Layout([int(f) for f in codes])
+    family, row = layout_args(layout)
+    grad_w = torch.randn(len(codes), 16, *kernel_size, dtype=torch.float64)
+    w_ref, grad_ref, _ = reference_grads(akp, None, layout, kernel_size, grad_w)
+    w = ops.synthesize(akp.float(), None, family, row, list(kernel_size)).double()
+    grad_akp, _ = ops.synthesize_backward(grad_w.float(), akp.float(), family, row, [True, False])
+    w_float32_formula = reference.synthesize_layout(akp.float(), None, layout, kernel_size).double()
+
+    def slice_err(v):
+        return (v - w_ref).flatten(2).norm(dim=2)
+
+    assert torch.all(slice_err(w) <= torch.maximum(1e-5 * w_ref.flatten(2).norm(dim=2),
+                                                   2 * slice_err(w_float32_formula)) + 1e-30)
+    for f in ANALYTIC:
+        rows = [r for r, code in enumerate(codes) if code == f]
+        assert rel_err(w[rows], w_ref[rows]) <= 1e-5, f.name
+        for k in range(AKP_COUNT[f]):
+            assert rel_err(grad_akp[rows, :, k], grad_ref[rows, :, k]) <= 1e-5, f"{f.name} slot {k}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nan_amplitudes_and_scales_give_nan_slices_like_the_reference(extension, dtype):
+    """NaN in an amplitude or in a scale that goes through exp (sigma) makes exactly the slices NaN
+    that the reference makes NaN, in the SIMD tiles (float32) and one slice at a time (float64)."""
+    codes = ANALYTIC * 2
+    torch.manual_seed(6)
+    akp = wide_range_akps(codes, 16)
+    for r, f in enumerate(codes):
+        names = AKP_NAMES[f]
+        akp[r, 3, 0] = math.nan
+        if "s_sigma" in names:
+            akp[r, 9, names.index("s_sigma")] = math.nan
+    layout = Layout([int(f) for f in codes])
+    family, row = layout_args(layout)
+    w_ref = reference.synthesize_layout(akp, None, layout, (3, 3))
+    w = ops.synthesize(akp.to(dtype), None, family, row, [3, 3])
+    assert torch.isnan(w_ref).any()
+    assert torch.equal(torch.isnan(w), torch.isnan(w_ref))
 
 
 def synthesis_outputs(akp, weight, family, row, grad_w):
