@@ -3,7 +3,8 @@
 tests/test_backends.py runs the public API against every backend; this file checks what is
 specific to the C++ / CUDA ops: each op against the reference in float64 for every family, odd /
 even / non-square kernels and mosaics mixing all seven families; the CPU's float32 SIMD tiles,
-their remainders, their fallback and the AVX2 object's symbols; half / bfloat16 computed in
+their remainders, their fallback, wide AKP ranges and NaN, and the AVX2 object's symbols; the
+split of a slice over CUDA lanes (on the host); half / bfloat16 computed in
 float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
 the C++ autograd (csrc/autograd.cpp): what it saves, the gradients it asks for, None for the rest;
 double backward refused; the why-not reasons (extension
@@ -320,6 +321,23 @@ def test_float32_without_simd_runs_one_slice_at_a_time(extension, tmp_path):
         assert rel_err(out[0], w_ref) <= 1e-5 and rel_err(out[1], grad_akp_ref) <= 1e-5
     if simd_tiles_active():
         assert not torch.equal(here[0], one_at_a_time[0]), "the SIMD tiles did not run"
+
+
+def test_families_split_over_cuda_lanes_as_one_lane(tmp_path):
+    """The CUDA kernels split each slice's mirror pairs over lanes and add the lanes' finished AKP
+    gradients; tests/cpp/lane_split_check.cpp runs that split of families.h on the host for every
+    family, kernels up to 8x8 and 1-32 lanes (the kernels themselves only run on a GPU)."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++ to build tests/cpp/lane_split_check.cpp")
+    from torch.utils import cpp_extension
+
+    exe = tmp_path / "lane_split_check"
+    include = [f"-I{p}" for p in [REPO / "csrc", *cpp_extension.include_paths()]]
+    subprocess.run([cxx, "-std=c++17", "-O1", *include, str(REPO / "tests/cpp/lane_split_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-2000:]
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 tiles are built on x86-64 only")
