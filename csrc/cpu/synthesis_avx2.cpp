@@ -1,13 +1,14 @@
 // AVX2 + FMA tile kernels (tile_kernels.h): 8 slices per tile, one per lane of
-// at::vec::Vectorized<float>, whose exp / cos / sin are SLEEF's (from libtorch_cpu; within a few
-// ulp, like libm's). The families.h formulas run unchanged on the vectors.
+// at::vec::Vectorized<float>, with an inline exp (below) and SLEEF's sincos (from libtorch_cpu;
+// within a few ulp, like libm's). The families.h formulas run unchanged on the vectors.
 //
 // Data movement: a tile's AKPs are [8 lanes, 6 slots] in memory, while the formulas want one
-// vector per slot and per point (8 lanes each). Weights in a contiguous tensor are [8 lanes, kk
-// points]: full tiles convert with 8x8 register transposes (8 points are evaluated, transposed and
-// stored as 8 rows). In a channels_last tensor a point's 8 lanes are adjacent: one load or store.
-// The last kk % 8 points of contiguous tiles, and tiles of fewer than 8 slices, go through a
-// small buffer lane by lane.
+// vector per slot and per point (8 lanes each), and visit the points in mirror pairs (e, kk-1-e).
+// So a tile's point-vectors live in a small buffer in point order, filled from memory or written
+// to it in order: weights in a contiguous tensor are [8 lanes, kk points] and full tiles convert
+// with 8x8 register transposes; in a channels_last tensor a point's 8 lanes are adjacent, one load
+// or store. The last kk % 8 points of contiguous tiles, and tiles of fewer than 8 slices, go lane
+// by lane.
 // Measured against lane by lane for every point (1 thread, AnalyticConv2d(256, 256, 3)):
 // synthesize_backward 1.48 -> 1.04 ms on the default layout, 4.1 -> 3.0 ms with half Gabor, half
 // TGD1; an all-MEAN synthesize (no transcendentals) 0.70 -> 0.31 ms.
@@ -52,11 +53,11 @@ namespace acl_fused {
 namespace math {
 // exp inline: Vectorized<float>::exp is a call to SLEEF through its dispatcher, and as no vector
 // register survives a call, every vector live across it went to the stack and back (perf: the
-// call was 29% of synthesize's time). Measured, 256->256 3x3, 2 threads, three runs each: all TGD1
-// synthesize 0.53-0.58 -> 0.44-0.46 ms, default layout 0.24-0.28 -> 0.22-0.23 ms. Cephes' expf: x = n ln2 + r with ln2
-// in two parts (exact n ln2_hi), |r| <= ln2 / 2, a degree-6 polynomial (about 1 ulp); 2^n as two
-// factors 2^(n/2) 2^(n - n/2), each a normal float, so results from overflow (inf) down to
-// denormals come out right. NaN in, NaN out.
+// call was 29% of synthesize's time). Measured, 256->256 3x3, 2 threads, three runs each: all
+// TGD1 synthesize 0.53-0.58 -> 0.44-0.46 ms, default layout 0.24-0.28 -> 0.22-0.23 ms.
+// Cephes' expf: x = n ln2 + r with ln2 in two parts (exact n ln2_hi), |r| <= ln2 / 2, a degree-6
+// polynomial (about 1 ulp); 2^n as two factors 2^(n/2) 2^(n - n/2), each a normal float, so
+// results from overflow (inf) down to denormals come out right. NaN in, NaN out.
 template <>
 inline at::vec::Vectorized<float> exp<at::vec::Vectorized<float>>(const at::vec::Vectorized<float>& v) {
   const __m256 x = v;

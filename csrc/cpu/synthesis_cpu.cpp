@@ -2,8 +2,10 @@
 // to `width` consecutive slices (o, c0), (o, c0 + 1), ... of one output channel, each tile done
 // start to finish by one thread (no reduction across threads). float32 tiles of an analytic
 // channel run the SIMD tile kernels (tile_kernels.h, one lane per slice) where the CPU has them;
-// float64, one-slice tiles, kernels larger than the tiles take (11x11), and float32 without them
-// run families.h one slice at a time. half / bfloat16 are computed in float32 and rounded once. Also registers the acl_conv2d composite for CPU.
+// float64, one-slice tiles, kernels of more than 128 points (the tiles take up to 11x11) and
+// float32 without them run families.h one slice at a time. half / bfloat16 are computed in
+// float32 and rounded once.
+// Also registers the acl_conv2d composite for CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
