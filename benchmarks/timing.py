@@ -5,7 +5,8 @@
   20/80 % quantiles. Implemented here rather than calling do_bench so the method does not change
   with the Triton version (or its absence).
 * CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with every intra-op thread (the Timer's
-  default is ONE thread) after a warm-up; median and interquartile range over the blocks.
+  default is ONE thread), each round after a warm-up; median and interquartile range over the
+  blocks.
 * Peak memory (CUDA only): ``torch.cuda.max_memory_allocated`` during one call minus what was
   allocated before it (outputs, saved tensors, gradients, workspaces). The CPU allocator keeps no
   such statistics, so on CPU it is None ("n/a").
@@ -36,7 +37,7 @@ class Timing:
 @dataclass(frozen=True)
 class TimerSettings:
     cpu_min_run_time: float = 0.3    # seconds of timed blocks per measurement
-    cpu_warmup: int = 2              # untimed calls first (first-call caches, oneDNN primitives)
+    cpu_warmup: int = 2              # untimed calls before each round (first-call caches, oneDNN primitives)
     cuda_warmup_ms: float = 10.0
     cuda_rep_ms: float = 50.0
     flush_l2: bool = True
@@ -85,13 +86,15 @@ class _CpuRunner:
     spread = (0.25, 0.75, "q25-q75")
 
     def __init__(self, fn: Callable[[], Any], settings: TimerSettings):
-        for _ in range(settings.cpu_warmup):
-            fn()
+        self.fn, self.warmup = fn, settings.cpu_warmup
         self.timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         self.min_run_time = settings.cpu_min_run_time
 
     def samples(self, share: float) -> list[float]:
-        """Per-call means of the timed blocks."""
+        """Per-call means of the timed blocks, after untimed warm-up calls: every round's blocks
+        follow another implementation's, whose caches and heap they would otherwise inherit."""
+        for _ in range(self.warmup):
+            self.fn()
         return list(self.timer.blocked_autorange(min_run_time=self.min_run_time * share).times)
 
 
