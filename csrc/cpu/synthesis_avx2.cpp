@@ -125,13 +125,19 @@ inline __m256 load_slots(const float* p) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
 }
 
+// A tile's AKPs, one vector per slot. Built from initialisers: an array of Vec would be zeroed
+// by Vec's constructor first (64->128 1x1, synthesize_backward: 55 -> 51 us on 1 thread, 41 -> 31 us on 2).
+struct TileAkp {
+  Vec p[kAkpSlots];
+};
+
 // p[k] = slot k of every lane's AKPs; akp is [lanes, kAkpSlots]. Lanes past `lanes` get zero
 // AKPs, which give finite kernels (pos(0) > 0); their results are dropped.
-void load_akp(const float* akp, int lanes, Vec* p) {
+TileAkp load_akp(const float* akp, int lanes) {
   __m256 rows[kLanes];
   for (int l = 0; l < kLanes; ++l) rows[l] = l < lanes ? load_slots(akp + l * kAkpSlots) : _mm256_setzero_ps();
   transpose8x8(rows);
-  for (int k = 0; k < kAkpSlots; ++k) p[k] = rows[k];
+  return {{rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]}};
 }
 
 // grad_akp [lanes, kAkpSlots] = lane l of grad[0..5].
@@ -217,8 +223,8 @@ void store_tile(const TileBuffer& buf, const Access& a, float* dst) {
 }
 
 void synthesize_avx2(int code, const float* akp, int lanes, int kh, int kw, float* w, cpu::TileStrides strides) {
-  Vec p[kAkpSlots];
-  load_akp(akp, lanes, p);
+  const TileAkp tile = load_akp(akp, lanes);
+  const Vec* p = tile.p;
   TileBuffer buf;
   synthesize_points(code, p, kh, kw, 0, 1, [&](int e, const Vec& v) { buf.set(e, v); });
   store_tile(buf, Access(lanes, kh, kw, strides), w);
@@ -226,8 +232,9 @@ void synthesize_avx2(int code, const float* akp, int lanes, int kh, int kw, floa
 
 void akp_grad_avx2(int code, const float* akp, const float* grad_w, cpu::TileStrides strides, int lanes, int kh,
                    int kw, float* grad_akp, float* w, cpu::TileStrides w_strides) {
-  Vec p[kAkpSlots], grad[kAkpSlots];
-  load_akp(akp, lanes, p);
+  const TileAkp tile = load_akp(akp, lanes);
+  const Vec* p = tile.p;
+  Vec grad[kAkpSlots];
   TileBuffer buf;
   load_tile(grad_w, Access(lanes, kh, kw, strides), buf);
   const auto load_grad = [&](int e) { return buf.get(e); };
