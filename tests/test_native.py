@@ -489,6 +489,34 @@ def test_conv_weight_buffer_follows_size_and_dtype_changes(extension):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cpu_kernels_split_over_threads_as_on_one(extension, dtype, memory_format):
+    """The CPU kernels deal rows to at::parallel_for's ranges round-robin and work on runs of a
+    row (csrc/cpu/synthesis_cpu.cpp for_each_run). With 1, 2, 3 and 24 threads (33 rows leave
+    dealt rows past the last; 24 threads get fewer ranges than threads from at::parallel_for's
+    grain, and the ranges split rows mid-way), W, the AKP gradient and the plain-weight gradient
+    are bitwise those of one thread, and W matches the reference."""
+    codes = MOSAIC * 3  # 33 rows, plain ones in between analytic ones
+    akp, weight, layout = make_inputs(codes, 150, (3, 3), dtype=dtype)
+    weight = weight.contiguous(memory_format=memory_format)
+    family, row = layout_args(layout)
+    grad_w = torch.randn(len(codes), 150, 3, 3, dtype=dtype).contiguous(memory_format=memory_format)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2, 3, 24):
+            torch.set_num_threads(n)
+            outputs.append((ops.synthesize(akp, weight, family, row, [3, 3]),
+                            *ops.synthesize_backward(grad_w, akp, family, row, [True, True])))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outputs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out, outputs[0]))
+    w_ref = reference.synthesize_layout(akp.double(), weight.double(), layout, (3, 3))
+    assert rel_err(outputs[0][0], w_ref) <= (FLOAT64_BOUND if dtype == torch.float64 else TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("cg, kernel_size", [(16, (3, 3)), (11, (2, 4)), (3, (3, 1))])
 def test_channels_last_weights_and_gradients_are_read_and_written_in_place(extension, dtype, cg, kernel_size):
     """The CPU kernels take channels_last tensors as they are: a channels_last plain weight (what
