@@ -52,16 +52,17 @@ int64_t grain(const SynthesisShape& s, int64_t width) {
 }
 
 // Runs fn(o, c_begin, c_end) over runs of slices (o, c_begin) ... (o, c_end - 1) of one row, which
-// cover every slice once; runs are whole tiles of `width` slices (c_begin a multiple of width), but
-// for the row's last. at::parallel_for gives each thread one contiguous range of tiles, and layouts
-// put families in blocks of output channels (default: plain last), so rows are dealt to the
-// threads' ranges round-robin (thread j: rows j, j + T, j + 2T, ...): every thread gets the same
-// mix of families. In plain (o, c) order one thread would copy the plain rows while the other
-// computed every analytic one (measured: no speed-up from 2 threads on AnalyticConv2d(256, 256,
-// 3)'s default layout). A run is as much of a row as a thread's range holds, so a plain row is
-// one copy. Measured against tiles visited one at a time, o fastest (256->256 3x3): all-plain
-// synthesize 0.080 -> 0.049-0.055 ms on 2 threads (Tensor.copy_ of W: 0.030 ms); default layout
-// on 1 thread, synthesize 0.44 -> 0.37-0.38 ms, synthesize_backward 0.54-0.59 -> 0.48-0.50 ms.
+// cover every slice once; a run starts at a tile of `width` slices (c_begin a multiple of width)
+// and only a row's last tile may be short. at::parallel_for gives each thread one contiguous range
+// of tiles, and layouts put families in blocks of output channels (default: plain last), so rows
+// are dealt to the threads' ranges round-robin (thread j: rows j, j + T, j + 2T, ...): every
+// thread gets the same mix of families. In plain (o, c) order one thread would copy the plain
+// rows while the other computed every analytic one (measured: no speed-up from 2 threads on
+// AnalyticConv2d(256, 256, 3)'s default layout). A run is as much of a row as a thread's range
+// holds, so a plain row is one copy. Measured against tiles visited one at a time, o fastest
+// (256->256 3x3): all-plain synthesize 0.080 -> 0.049-0.055 ms on 2 threads (Tensor.copy_ of W:
+// 0.030 ms); default layout on 1 thread, synthesize 0.44 -> 0.37-0.38 ms, synthesize_backward
+// 0.54-0.59 -> 0.48-0.50 ms.
 template <typename Fn>
 void for_each_run(const SynthesisShape& s, int64_t width, const Fn& fn) {
   const int64_t tiles_per_row = (s.cg + width - 1) / width;
