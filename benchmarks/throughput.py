@@ -39,7 +39,7 @@ from .cases import (CONV2D, DTYPE_MODES, LAYOUTS, MEMORY_FORMATS, PASSES, REFERE
                     SynthesisBench, first_line, implementations)
 from .resnet import BLOCKS
 from .shapes import SWEEPS, select_shapes
-from .timing import TimerSettings, peak_memory, saved_tensor_bytes, time_side_by_side
+from .timing import TimerSettings, keep_freed_memory, peak_memory, saved_tensor_bytes, time_side_by_side
 from .training import TrainRow, measure_training
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -415,6 +415,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, help="CUDA: milliseconds of timed calls per implementation")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: leave glibc's malloc as it is (default: keep freed memory, see benchmarks/timing.py)")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="keep torch.backends.cudnn.benchmark off")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default benchmarks/out)")
     return p
@@ -443,6 +445,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(device, argv, settings)
+    if device.type == "cpu":
+        env["heap"] = "system default (--system-malloc)" if args.system_malloc else keep_freed_memory()
     for k, v in env.items():
         print(f"{k}: {v}")
 

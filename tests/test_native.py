@@ -491,11 +491,11 @@ def test_conv_weight_buffer_follows_size_and_dtype_changes(extension):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_cpu_kernels_split_over_threads_as_on_one(extension, dtype, memory_format):
-    """The CPU kernels deal rows to at::parallel_for's ranges round-robin and work on runs of a
-    row (csrc/cpu/synthesis_cpu.cpp for_each_run). With 1, 2, 3 and 24 threads (33 rows leave
-    dealt rows past the last; 24 threads get fewer ranges than threads from at::parallel_for's
-    grain, and the ranges split rows mid-way), W, the AKP gradient and the plain-weight gradient
-    are bitwise those of one thread, and W matches the reference."""
+    """The CPU kernels cut the tiles into one contiguous share per thread of equal estimated cost
+    and work on runs of a row (csrc/cpu/synthesis_cpu.cpp for_each_run). With 1, 2, 3 and 24
+    threads (33 rows of mixed families: the shares' edges fall mid-row, and with 24 threads some
+    shares hold a few tiles only), W, the AKP gradient and the plain-weight gradient are bitwise
+    those of one thread, and W matches the reference."""
     codes = MOSAIC * 3  # 33 rows, plain ones in between analytic ones
     akp, weight, layout = make_inputs(codes, 150, (3, 3), dtype=dtype)
     weight = weight.contiguous(memory_format=memory_format)

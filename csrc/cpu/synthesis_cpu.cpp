@@ -1,6 +1,6 @@
-// CPU kernels of acl_fused::synthesize / synthesize_backward: at::parallel_for over tiles of up
-// to `width` consecutive slices (o, c0), (o, c0 + 1), ... of one output channel, each tile done
-// start to finish by one thread (no reduction across threads). float32 tiles of an analytic
+// CPU kernels of acl_fused::synthesize / synthesize_backward: tiles of up to `width` consecutive
+// slices (o, c0), (o, c0 + 1), ... of one output channel, in contiguous shares per thread
+// (for_each_run), each tile done start to finish by one thread (no reduction across threads). float32 tiles of an analytic
 // channel run the SIMD tile kernels (tile_kernels.h, one lane per slice) where the CPU has them;
 // float64, one-slice tiles, kernels of more than 128 points (the tiles take up to 11x11) and
 // float32 without them run families.h one slice at a time. half / bfloat16 are computed in
@@ -16,9 +16,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/tile_kernels.h"
 #include "families.h"
@@ -46,37 +48,62 @@ const TileKernels* simd_tile_kernels() {
 // scalar slices).
 constexpr int kMinSimdLanes = 2;
 
-// Tiles per parallel_for chunk: ~4k grid points, enough to amortise a task.
-int64_t grain(const SynthesisShape& s, int64_t width) {
-  return std::max<int64_t>(1, 4096 / (s.kh * s.kw * width));
+// Estimated nanoseconds of one slice of family `code` with kk points: a per-slice part (pos(),
+// cos θ, ... for the analytic families) and a per-point part, fitted to float32 synthesize on one
+// thread of the AVX2 tiles (AMD EPYC, 256->256 1x1 / 3x3 / 5x5, one family at a time; the backward
+// costs 1.2-1.5x as much in the same proportions). Only the ratios matter to the split below; the
+// total decides whether a second thread pays for its start.
+double slice_cost_ns(int code, int64_t kk) {
+  //                                          plain  Gabor  LoG   LoT   TGD1  TGD2  Mean
+  static constexpr double kPerSlice[kNumFamilies] = {0.0, 6.0, 4.0, 2.7, 4.5, 4.5, 2.0};
+  static constexpr double kPerPoint[kNumFamilies] = {0.15, 1.25, 0.5, 0.35, 0.9, 0.9, 0.13};
+  const int f = code >= 0 && code < kNumFamilies ? code : 0;
+  return kPerSlice[f] + kPerPoint[f] * static_cast<double>(kk);
 }
+
+// Below this estimate the work runs on the calling thread: waking another one costs ~4-5 us
+// here (an at::parallel_for over 40k floats takes longer on 2 threads than on 1).
+constexpr double kSerialBelowNs = 16000;
 
 // Runs fn(o, c_begin, c_end) over runs of slices (o, c_begin) ... (o, c_end - 1) of one row, which
 // cover every slice once; a run starts at a tile of `width` slices (c_begin a multiple of width)
-// and only a row's last tile may be short. at::parallel_for gives each thread one contiguous range
-// of tiles, and layouts put families in blocks of output channels (default: plain last), so rows
-// are dealt to the threads' ranges round-robin (thread j: rows j, j + T, j + 2T, ...): every
-// thread gets the same mix of families. In plain (o, c) order one thread would copy the plain
-// rows while the other computed every analytic one (measured: no speed-up from 2 threads on
-// AnalyticConv2d(256, 256, 3)'s default layout). A run is as much of a row as a thread's range
-// holds, so a plain row is one copy. Measured against tiles visited one at a time, o fastest
-// (256->256 3x3): all-plain synthesize 0.080 -> 0.049-0.055 ms on 2 threads (Tensor.copy_ of W:
-// 0.030 ms); default layout on 1 thread, synthesize 0.44 -> 0.37-0.38 ms, synthesize_backward
-// 0.54-0.59 -> 0.48-0.50 ms.
+// and only a row's last tile may be short. The tiles, in (o, c) order, are cut into one
+// contiguous share per thread of equal estimated cost (slice_cost_ns of the row's family), each
+// worked on front to back, so a plain row is one copy. Contiguous shares matter: measured
+// (2 threads, 256 rows of 9 KiB memcpy'd), 32 us in two halves against 95 us with the rows
+// dealt round-robin and 50 us in round-robin blocks of 16 rows; the costs matter because
+// layouts put families in blocks of output channels (default: the analytic ones first).
 template <typename Fn>
-void for_each_run(const SynthesisShape& s, int64_t width, const Fn& fn) {
-  const int64_t tiles_per_row = (s.cg + width - 1) / width;
-  const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, s.c_out);
-  const int64_t rows_per_thread = (s.c_out + threads - 1) / threads;
-  at::parallel_for(0, rows_per_thread * threads * tiles_per_row, grain(s, width), [&](int64_t begin, int64_t end) {
+void for_each_run(const SynthesisShape& s, const int* family, int64_t width, const Fn& fn) {
+  const int64_t tiles_per_row = (s.cg + width - 1) / width, tiles = s.c_out * tiles_per_row;
+  const int64_t kk = s.kh * s.kw;
+  std::vector<double> row_end(s.c_out);  // estimated cost of rows 0 ... o
+  double total = 0;
+  for (int64_t o = 0; o < s.c_out; ++o) row_end[o] = total += slice_cost_ns(family[o], kk) * s.cg;
+  const int64_t shares =
+      total < kSerialBelowNs ? 1 : std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(tiles, 1));
+  // The first tile that starts at or after cost c (tiles, in (o, c) order, split a row's cost evenly).
+  const auto first_tile_from = [&](double c) -> int64_t {
+    const int64_t o = std::upper_bound(row_end.begin(), row_end.end(), c) - row_end.begin();
+    if (o >= s.c_out) return tiles;
+    const double row_begin = o > 0 ? row_end[o - 1] : 0.0, row_cost = row_end[o] - row_begin;
+    const double t = row_cost > 0 ? std::ceil((c - row_begin) / row_cost * tiles_per_row) : 0.0;
+    return o * tiles_per_row + std::clamp<int64_t>(static_cast<int64_t>(t), 0, tiles_per_row);
+  };
+  const auto share = [&](int64_t j) { return j == 0 ? 0 : j == shares ? tiles : first_tile_from(total * j / shares); };
+  const auto run_tiles = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
-      const int64_t k = i / tiles_per_row, first = i % tiles_per_row;
-      const int64_t last = std::min(tiles_per_row, first + (end - i));  // tiles [first, last) of row k
-      const int64_t o = k % rows_per_thread * threads + k / rows_per_thread;  // the k-th row dealt
-      if (o < s.c_out) fn(o, first * width, std::min(s.cg, last * width));
+      const int64_t o = i / tiles_per_row, first = i % tiles_per_row;
+      const int64_t last = std::min(tiles_per_row, first + (end - i));  // tiles [first, last) of row o
+      fn(o, first * width, std::min(s.cg, last * width));
       i += last - first;
     }
-  });
+  };
+  if (shares == 1) {
+    run_tiles(0, tiles);
+    return;
+  }
+  at::parallel_for(0, shares, 1, [&](int64_t j_begin, int64_t j_end) { run_tiles(share(j_begin), share(j_end)); });
 }
 
 // The SIMD kernels for compute type T (float only) and kernels of this size, or nullptr.
@@ -105,15 +132,23 @@ std::optional<SliceStrides> slice_strides(const at::Tensor& t) {
 // t itself when it has SliceStrides (a channels_last weight is read in place), else a contiguous copy.
 at::Tensor with_slice_strides(const at::Tensor& t) { return slice_strides(t) ? t : t.contiguous(); }
 
-// Slices c0 ... c0 + n - 1 of one row: dst = src.
+// Slices c0 ... c0 + n - 1 of one row: dst = src. Written in dst's memory order: in a
+// channels_last row a point's slices are adjacent, and walking it slice by slice (a stride of Cg
+// between points) made this copy the hottest part of a channels_last 256->256 3x3 synthesis.
 template <typename T>
 void copy_slices(const T* src, SliceStrides from, T* dst, SliceStrides to, int64_t n, int64_t kk) {
   if (from.packed(kk) && to.packed(kk)) {
     std::copy_n(src, n * kk, dst);
-    return;
-  }
-  for (int64_t l = 0; l < n; ++l) {
-    for (int64_t e = 0; e < kk; ++e) dst[l * to.c + e * to.point] = src[l * from.c + e * from.point];
+  } else if (to.c == 1 && from.c == 1) {
+    for (int64_t e = 0; e < kk; ++e) std::copy_n(src + e * from.point, n, dst + e * to.point);
+  } else if (to.c < to.point) {
+    for (int64_t e = 0; e < kk; ++e) {
+      for (int64_t l = 0; l < n; ++l) dst[l * to.c + e * to.point] = src[l * from.c + e * from.point];
+    }
+  } else {
+    for (int64_t l = 0; l < n; ++l) {
+      for (int64_t e = 0; e < kk; ++e) dst[l * to.c + e * to.point] = src[l * from.c + e * from.point];
+    }
   }
 }
 
@@ -124,7 +159,7 @@ void synthesize_tiles(const SynthesisShape& s, const T* akp, const T* weight, Sl
   const TileKernels* simd = tile_kernels_for<T>(s);
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
   const int64_t width = simd != nullptr ? simd->width : 1;
-  for_each_run(s, width, [&](int64_t o, int64_t c_begin, int64_t c_end) {
+  for_each_run(s, family, width, [&](int64_t o, int64_t c_begin, int64_t c_end) {
     const int64_t r = row[o];
     if (family[o] == kPlain) {
       copy_slices(weight + weight_at.at(r, c_begin, 0), weight_at, out + out_at.at(o, c_begin, 0), out_at,
@@ -160,7 +195,7 @@ void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, SliceStrides grad_
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
   const SliceStrides packed{s.cg * kk, kk, 1};
   const int64_t width = simd != nullptr ? simd->width : 1;
-  for_each_run(s, width, [&](int64_t o, int64_t c_begin, int64_t c_end) {
+  for_each_run(s, family, width, [&](int64_t o, int64_t c_begin, int64_t c_end) {
     const int64_t r = row[o];
     if (family[o] == kPlain) {
       const int64_t n = c_end - c_begin;
