@@ -88,10 +88,17 @@ def auto_order(problem: Problem) -> list[str]:
 
 def select(name: str, problem: Problem) -> ModuleType:
     """The backend module to run ``problem`` with; BackendUnavailable (with reasons) otherwise."""
-    return _LOADED[_first_runnable(name, problem)][0]
+    return backend_module(select_name(name, problem))
 
 
-def _first_runnable(name: str, problem: Problem) -> str:
+def backend_module(name: str) -> ModuleType:
+    """The module of a backend :func:`select_name` returned."""
+    return _LOADED[name][0]
+
+
+def select_name(name: str, problem: Problem) -> str:
+    """The name of the backend to run ``problem`` with (``name`` itself, or auto's first that can
+    run it); BackendUnavailable (with reasons) otherwise."""
     candidates = auto_order(problem) if name == "auto" else [name]
     for candidate in candidates:
         if why_not(candidate, problem) is None:

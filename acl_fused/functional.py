@@ -41,7 +41,17 @@ def conv2d(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[torch.
            backend: str = "auto") -> torch.Tensor:
     """:func:`acl_conv2d` with the layout and convolution arguments already normalised (modules
     keep theirs, so a forward pass does not rebuild them)."""
+    akp, weight, ks, name = checked_conv2d_call(x, akp, weight, layout, bias, conv, kernel_size, backend)
+    return dispatch.backend_module(name).conv2d(x, akp, weight, layout, bias, conv, ks)
+
+
+def checked_conv2d_call(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[torch.Tensor], layout: Layout,
+                        bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: Optional[IntOrPair] = None,
+                        backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int], str]:
+    """Validates a :func:`conv2d` call and picks its backend: (akp, weight, kernel_size, backend
+    name) as conv2d runs them (akp never None, weight None when there are no plain channels).
+    Raises what conv2d raises for bad input."""
     akp, weight, ks, cg = check_synthesis_inputs(akp, weight, layout, kernel_size)
     autocast_dtype = check_conv_inputs(x, akp, weight, layout, bias, conv, ks, cg)
     problem = make_problem(akp, layout, ks, x, conv, autocast_dtype)
-    return dispatch.select(backend, problem).conv2d(x, akp, weight, layout, bias, conv, ks)
+    return akp, weight, ks, dispatch.select_name(backend, problem)

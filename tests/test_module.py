@@ -368,6 +368,44 @@ def test_channels_last_input():
     assert xc.grad.shape == x.shape
 
 
+def test_forward_checks_every_change_of_the_call(monkeypatch):
+    """A forward call reuses the checks and backend choice of the last call when nothing they read
+    changed (input dtype / device / shape, parameters' dtype / device / shape, autocast, layout,
+    convolution arguments, backend), and checks again otherwise."""
+    from acl_fused import functional
+    checks = []
+    real = functional.checked_conv2d_call
+    monkeypatch.setattr(functional, "checked_conv2d_call", lambda *a, **k: checks.append(1) or real(*a, **k))
+    torch.manual_seed(10)
+    m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    x = torch.randn(2, 3, 6, 6)
+    y = m(x)
+    assert torch.equal(m(x.clone()), y) and len(checks) == 1   # same signature: checked once
+    with pytest.raises(ValueError, match="input has 4 channels"):
+        m(torch.randn(2, 4, 6, 6))
+    with pytest.raises(TypeError, match="input dtype torch.float64 differs"):
+        m(x.double())
+    with pytest.raises(ValueError, match="input height 0"):
+        m(torch.randn(2, 3, 0, 6))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        m(x.numpy())
+    assert torch.equal(m(x), y)
+    m.padding = 0
+    assert m(x).shape[-2:] == (4, 4)
+    m.padding = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x).dtype == torch.bfloat16
+    assert m(x).dtype == torch.float32
+    m.bias = nn.Parameter(torch.zeros(5))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        m(x)
+    m.bias = None
+    torch.testing.assert_close(m.double()(x.double()), F.conv2d(x.double(), m.synthesize(), None, padding=1))
+    calls = len(checks)
+    m(x.double())
+    assert len(checks) == calls
+
+
 def test_meta_device_forward():
     """Shape inference on the meta device, as nn.Conv2d allows (autocast does not know 'meta', so
     asking whether it is on must not raise)."""
