@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .cases import CONV2D, REFERENCE
+from .timing import keep_freed_memory
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,6 +38,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _timing_requested(config: pytest.Config) -> bool:
     return bool(config.getoption("benchmark_only", False) or config.getoption("benchmark_enable", False))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _timing_requested(config):
+        keep_freed_memory()   # as the throughput script does on CPU (timing.py)
 
 
 @pytest.fixture

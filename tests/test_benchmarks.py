@@ -50,6 +50,7 @@ def test_throughput_script_writes_every_report(tmp_path):
     assert float(training["native"]["images_per_s"]) > 0
     report = (tmp_path / "throughput_cpu.md").read_text()
     assert "## Summary" in report and "## Training step" in report
+    assert "- heap: " in report   # the CPU heap setting the timings ran with (timing.keep_freed_memory)
 
 
 def test_pytest_benchmark_suites_smoke(tmp_path):
