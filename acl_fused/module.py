@@ -28,6 +28,10 @@ class AnalyticConv2d(nn.Module):
     Input [N, C_in, H, W] -> output [N, C_out, H_out, W_out].
     """
 
+    #: (signature, backend name, kernel size) of the last forward call (see forward); a class
+    #: default, so that modules pickled before it existed load and run.
+    _call_plan: Optional[tuple] = None
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: PaddingArg = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  layout: LayoutSpec = None, backend: str = "auto", device=None, dtype=None):
@@ -50,8 +54,6 @@ class AnalyticConv2d(nn.Module):
                        if self._layout.num_plain else None)
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.register_buffer("family", torch.tensor(self._layout.codes, dtype=torch.int64, device=device))
-        # (signature, backend name, kernel size) of the last forward call (see forward).
-        self._call_plan: Optional[tuple] = None
         self.reset_parameters()
 
     @property
@@ -129,8 +131,9 @@ class AnalyticConv2d(nn.Module):
 
     def _call_signature(self, x: torch.Tensor, akp, weight, bias) -> Optional[tuple]:
         """Everything the checks and the backend choice of a forward call read: a call with the same
-        signature as the last one reuses its outcome (measured on the CPU: a module call costs ~19 us
-        more than the op it makes, ~4 us with the outcome reused). None for a non-tensor input."""
+        signature as the last one reuses its outcome (measured on the CPU, 8->8 3x3: a module call
+        cost 19 us more than the op it makes, 9 us with the outcome reused). None for a non-tensor
+        input."""
         if not isinstance(x, torch.Tensor):
             return None
         autocast = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device) else None

@@ -404,6 +404,9 @@ def test_forward_checks_every_change_of_the_call(monkeypatch):
     calls = len(checks)
     m(x.double())
     assert len(checks) == calls
+    del m.__dict__["_call_plan"]   # as in a module pickled before the plan existed
+    m(x.double())
+    assert len(checks) == calls + 1
 
 
 def test_meta_device_forward():

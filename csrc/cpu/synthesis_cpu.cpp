@@ -1,10 +1,10 @@
 // CPU kernels of acl_fused::synthesize / synthesize_backward: tiles of up to `width` consecutive
 // slices (o, c0), (o, c0 + 1), ... of one output channel, in contiguous shares per thread
-// (for_each_run), each tile done start to finish by one thread (no reduction across threads). float32 tiles of an analytic
-// channel run the SIMD tile kernels (tile_kernels.h, one lane per slice) where the CPU has them;
-// float64, one-slice tiles, kernels of more than 128 points (the tiles take up to 11x11) and
-// float32 without them run families.h one slice at a time. half / bfloat16 are computed in
-// float32 and rounded once.
+// (for_each_run), each tile done start to finish by one thread (no reduction across threads).
+// float32 tiles of an analytic channel run the SIMD tile kernels (tile_kernels.h, one lane per
+// slice) where the CPU has them; float64, one-slice tiles, kernels of more than 128 points (the
+// tiles take up to 11x11) and float32 without them run families.h one slice at a time. half /
+// bfloat16 are computed in float32 and rounded once.
 // Also registers the acl_conv2d composite for CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,8 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <type_traits>
 #include <vector>
