@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
@@ -57,7 +58,7 @@ at::Tensor DispatchedSynthesis::weight(const at::Tensor& akp, const std::optiona
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> DispatchedSynthesis::weight_and_grads(
-    const at::Tensor& grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+    at::Tensor grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
     const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format,
     bool want_weight) {
   auto [grad_akp, grad_weight] = dispatch::synthesize_backward(grad_W, akp, family, row, {true, want_weight});
@@ -123,10 +124,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     // Weight gradient first, then W and the AKP gradient from one pass (their exp / cos once),
     // then grad_input: one synthesis pass less than W, convolution, AKP gradient.
     std::tie(std::ignore, gw, gb) = convolution_backward(shape_only(), {false, true, want_bias});
+    // gw is given away: its memory may become W's (CpuSynthesis), or be reused by grad_input's
+    // convolution.
     at::Tensor w;
-    std::tie(w, grad_akp, grad_weight) = Synthesis::weight_and_grads(gw.to(akp.scalar_type()), akp, weight, family,
-                                                                     row, kernel_size, memory_format, want_weight);
-    gw.reset();  // before grad_input's convolution, which can then reuse its memory
+    std::tie(w, grad_akp, grad_weight) = Synthesis::weight_and_grads(
+        std::exchange(gw, at::Tensor()).to(akp.scalar_type()), akp, weight, family, row, kernel_size, memory_format,
+        want_weight);
     gx = std::get<0>(convolution_backward(w.to(dtype), {true, false, false}));
   } else {
     const at::Tensor w =

@@ -32,20 +32,22 @@ void check_layout_values(const at::Tensor& family, const at::Tensor& row, const 
 // memory format) and, for the backward, W with the gradients of the synthesize_backward op.
 //   weight(akp, weight, family, row, kernel_size, memory_format) -> W
 //   weight_and_grads(grad_W, akp, weight, family, row, kernel_size, memory_format, want_weight)
-//       -> (W, grad_akp, grad_weight: empty [0] when not wanted)
+//       -> (W, grad_akp, grad_weight: empty [0] when not wanted); grad_W is the caller's to give
+//       away: W may be written over it
 //   unfilled_weight(sizes, options, memory_format) -> a tensor of W's shape whose values are never
 //       read (the weight gradient's convolution needs one for its shape)
 // DispatchedSynthesis (CUDA) calls the ops (the caching allocator reuses W's memory; a format copy
 // is the one cuDNN would make); CpuSynthesis (cpu/) writes W in the format, into a buffer each
 // thread reuses (every W-sized tensor here: glibc's malloc would fault fresh ones in each call),
-// and computes W and the gradients in one pass.
+// and computes W and the gradients in one pass, writing W over grad_W where grad_W already has
+// W's dtype and memory format.
 #define ACL_FUSED_DECLARE_SYNTHESIS(Name)                                                                     \
   struct Name {                                                                                               \
     static at::Tensor weight(const at::Tensor& akp, const std::optional<at::Tensor>& weight,                  \
                              const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,     \
                              at::MemoryFormat memory_format);                                                  \
     static std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_and_grads(                                    \
-        const at::Tensor& grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,              \
+        at::Tensor grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,                     \
         const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,                          \
         at::MemoryFormat memory_format, bool want_weight);                                                     \
     static at::Tensor unfilled_weight(at::IntArrayRef sizes, at::TensorOptions options,                        \

@@ -275,7 +275,8 @@ at::Tensor reused_buffer(int64_t numel, const at::TensorOptions& options) {
 }
 
 // (grad_akp, grad_weight) as synthesize_backward_cpu returns them; where w is defined (a tensor
-// of W's shape with SliceStrides, in the compute dtype) the same pass also writes W into it.
+// of W's shape with SliceStrides, in the compute dtype; it may be grad_W itself, see
+// CpuSynthesis::weight_and_grads) the same pass also writes W into it.
 std::tuple<at::Tensor, at::Tensor> akp_grads(const at::Tensor& grad_W, const at::Tensor& akp,
                                              const std::optional<at::Tensor>& weight, const at::Tensor& family,
                                              const at::Tensor& row, std::array<bool, 2> output_mask,
@@ -342,13 +343,19 @@ at::Tensor CpuSynthesis::unfilled_weight(at::IntArrayRef sizes, at::TensorOption
   return conv_weight_buffer(sizes, options, memory_format);
 }
 
+// W is written over grad_W where grad_W is laid out as W (the compute dtype, the convolution's
+// memory format): the pass reads a tile's gradient (a plain row's, before its copy of the weight)
+// before it writes the tile's kernel, and W's writes then land on the lines just read instead of
+// a second W-sized buffer's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
-    const at::Tensor& grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-    const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format,
-    bool want_weight) {
+    at::Tensor grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
+    const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format, bool want_weight) {
   const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
-  const at::Tensor w = conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw},
-                                          akp.options().dtype(at::toOpMathType(akp.scalar_type())), memory_format);
+  const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
+  const at::Tensor w = grad_W.scalar_type() == compute && grad_W.is_contiguous(memory_format)
+                           ? grad_W
+                           : conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw}, akp.options().dtype(compute),
+                                                memory_format);
   auto [grad_akp, grad_weight] = akp_grads(grad_W, akp, weight, family, row, {true, want_weight}, w);
   return {w.to(akp.scalar_type()), grad_akp, grad_weight};
 }
