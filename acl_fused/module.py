@@ -124,9 +124,11 @@ class AnalyticConv2d(nn.Module):
         if plan is None or plan[0] != signature:
             akp_, weight_, ks, name = functional.checked_conv2d_call(x, akp, weight, self._layout, bias, self._conv,
                                                                      self.kernel_size, self.backend)
-            if akp_ is not akp or weight_ is not weight:  # the checks stood in for a missing or empty one
-                return dispatch.backend_module(name).conv2d(x, akp_, weight_, self._layout, bias, self._conv, ks)
-            plan = self._call_plan = (signature, name, ks)
+            plan = (signature, name, ks)
+            if akp_ is akp and weight_ is weight:
+                self._call_plan = plan
+            else:  # the checks stood in for a missing or empty parameter: run with theirs, keep nothing
+                akp, weight = akp_, weight_
         return dispatch.backend_module(plan[1]).conv2d(x, akp, weight, self._layout, bias, self._conv, plan[2])
 
     def _call_signature(self, x: torch.Tensor, akp, weight, bias) -> Optional[tuple]:

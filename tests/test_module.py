@@ -407,6 +407,12 @@ def test_forward_checks_every_change_of_the_call(monkeypatch):
     del m.__dict__["_call_plan"]   # as in a module pickled before the plan existed
     m(x.double())
     assert len(checks) == calls + 1
+    # An empty plain weight stands for none: the checks replace it on every call, nothing is kept.
+    a = perturbed(layer(3, 9, 3, layout={Family.GABOR: 9}, padding=1))
+    want = a(x)
+    a.weight = nn.Parameter(torch.empty(0, 3, 3, 3))
+    calls = len(checks)
+    assert torch.equal(a(x), want) and torch.equal(a(x), want) and len(checks) == calls + 2
 
 
 def test_meta_device_forward():
