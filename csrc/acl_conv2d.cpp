@@ -6,6 +6,7 @@
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <utility>
@@ -48,6 +49,15 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& akp, int64_t c_o
 }
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// grad_weight laid out as at::empty_like(weight) (a channels_last parameter's gradient is
+// channels_last), as autograd wants a parameter's gradient: it would copy it otherwise, and the
+// fake kernel promises this layout. The CPU kernels write it so; elsewhere this copies.
+at::Tensor laid_out_like(const at::Tensor& grad_weight, const at::Tensor& weight) {
+  const at::Tensor layout = at::empty_like(weight, weight.options().device(at::kMeta));
+  if (grad_weight.strides() == layout.strides()) return grad_weight;
+  return at::empty_like(weight).copy_(grad_weight);
+}
 
 }  // namespace
 
@@ -146,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
                      : gx.narrow(2, p.top_extra, input.size(2)).narrow(3, p.left_extra, input.size(3));
   }
   if (want_bias) grad_bias = gb;
+  if (want_weight && weight.has_value()) grad_weight = laid_out_like(grad_weight, *weight);
   return {grad_input, grad_akp, grad_weight, grad_bias};
 }
 

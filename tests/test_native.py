@@ -419,8 +419,9 @@ def test_opcheck_every_op(extension, sample):
     akp, weight, layout = make_inputs(codes, cg, kernel_size, dtype=dtype)
     family, row = layout_args(layout)
     x = torch.randn(x_shape, dtype=dtype)
-    if channels_last:
+    if channels_last:  # module.to(memory_format=torch.channels_last): input and plain weight
         x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
     bias = torch.randn(len(codes), dtype=dtype) if with_bias else None
     conv_args = [list(kernel_size), list(conv.stride), list(conv.explicit_padding(kernel_size)),
                  list(conv.dilation), conv.groups]
@@ -433,7 +434,8 @@ def test_opcheck_every_op(extension, sample):
     for mask in ([True, True], [False, True]):
         torch.library.opcheck(ops.synthesize_backward.default, (grad_w, akp, family, row, mask))
     y = ops.acl_conv2d(x, akp, weight, family, row, bias, *conv_args)
-    for mask in ([True, True, weight is not None, with_bias], [False, True, False, False]):
+    for mask in ([True, True, weight is not None, with_bias], [False, True, False, False],
+                 [False, False, weight is not None, False]):
         torch.library.opcheck(ops.acl_conv2d_backward.default,
                               (torch.randn_like(y), x, akp, weight, family, row, *conv_args, mask))
 
@@ -555,6 +557,26 @@ def test_backward_w_from_the_akp_gradient_pass_is_the_forward_w(extension, dtype
         y.backward(torch.ones_like(y))
         grad_x[with_akp] = leaves[0].grad
     assert rel_err(grad_x[True], grad_x[False]) <= (1e-14 if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("mask", [[True, True, True, False], [False, False, True, False]], ids=["fused", "weight-only"])
+def test_plain_weight_gradient_has_the_weights_layout(extension, mask):
+    """acl_conv2d_backward gives the plain weight's gradient the weight's own layout (what
+    at::empty_like(weight) makes: a channels_last parameter, a channels_last gradient), so autograd
+    need not copy it; its values are those of a contiguous weight's. "fused": W and the AKP
+    gradient in one pass (the CPU kernels write this layout); "weight-only": the other path (a copy)."""
+    cl = torch.channels_last
+    akp, weight, layout = make_inputs(MOSAIC, 16, (3, 3), dtype=torch.float32)
+    family, row = layout_args(layout)
+    x = torch.randn(2, 16, 6, 5).contiguous(memory_format=cl)
+    args = [[3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1]
+    grad_y = torch.randn_like(ops.acl_conv2d(x, akp, weight, family, row, None, *args))
+    grads = {fmt: ops.acl_conv2d_backward(grad_y, x, akp, weight.contiguous(memory_format=fmt), family, row, *args,
+                                          mask)[2]
+             for fmt in (cl, torch.contiguous_format)}
+    assert grads[cl].stride() == weight.contiguous(memory_format=cl).stride() != weight.stride()
+    assert grads[torch.contiguous_format].stride() == weight.stride()
+    assert rel_err(grads[cl], grads[torch.contiguous_format].double()) <= 1e-6
 
 
 def test_autograd_kernels_are_the_cpp_ones(extension):

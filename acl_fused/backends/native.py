@@ -138,6 +138,8 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
     grad_akp, grad_weight = _fake_synthesize_backward(
         grad_output.new_empty((family.shape[0], akp.shape[1], *kernel_size)), akp, family, row,
         [want_akp, want_weight])
+    if want_weight and weight is not None:
+        grad_weight = torch.empty_like(weight)  # the parameter's layout (csrc/acl_conv2d.cpp laid_out_like)
     return grad_input, grad_akp, grad_weight, grad_bias
 
 

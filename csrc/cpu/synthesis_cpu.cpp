@@ -184,23 +184,24 @@ void synthesize_tiles(const SynthesisShape& s, const T* akp, const T* weight, Sl
   });
 }
 
-// grad_akp / grad_weight (contiguous) are null when not asked for. Where w is not null (then
-// grad_akp is not either), the same pass also writes W at w_at: plain rows from weight, analytic
-// ones from the exp / cos their gradients use.
+// grad_akp (contiguous) / grad_weight (at grad_weight_at) are null when not asked for. Where w is
+// not null (then grad_akp is not either), the same pass also writes W at w_at: plain rows from
+// weight, analytic ones from the exp / cos their gradients use.
 template <typename T>
 void akp_grad_tiles(const SynthesisShape& s, const T* grad_w, SliceStrides grad_at, const T* akp, const T* weight,
-                    SliceStrides weight_at, const int* family, const int* row, T* grad_akp, T* grad_weight, T* w,
-                    SliceStrides w_at) {
+                    SliceStrides weight_at, const int* family, const int* row, T* grad_akp, T* grad_weight,
+                    SliceStrides grad_weight_at, T* w, SliceStrides w_at) {
   const TileKernels* simd = tile_kernels_for<T>(s);
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), kk = kh * kw;
-  const SliceStrides packed{s.cg * kk, kk, 1};
   const int64_t width = simd != nullptr ? simd->width : 1;
   for_each_run(s, family, width, [&](int64_t o, int64_t c_begin, int64_t c_end) {
     const int64_t r = row[o];
     if (family[o] == kPlain) {
       const int64_t n = c_end - c_begin;
       const T* g = grad_w + grad_at.at(o, c_begin, 0);
-      if (grad_weight != nullptr) copy_slices(g, grad_at, grad_weight + packed.at(r, c_begin, 0), packed, n, kk);
+      if (grad_weight != nullptr) {
+        copy_slices(g, grad_at, grad_weight + grad_weight_at.at(r, c_begin, 0), grad_weight_at, n, kk);
+      }
       if (w != nullptr) {
         copy_slices(weight + weight_at.at(r, c_begin, 0), weight_at, w + w_at.at(o, c_begin, 0), w_at, n, kk);
       }
@@ -290,8 +291,11 @@ std::tuple<at::Tensor, at::Tensor> akp_grads(const at::Tensor& grad_W, const at:
   const at::Tensor weight_c = weight.has_value() ? with_slice_strides(weight->to(compute)) : at::Tensor();
   const at::TensorOptions options = akp.options().dtype(compute);
   at::Tensor grad_akp = output_mask[0] ? at::empty_like(akp_c) : at::empty({0}, options);
-  at::Tensor grad_weight =
-      output_mask[1] ? at::empty({s.num_plain, s.cg, s.kh, s.kw}, options) : at::empty({0}, options);
+  // The plain rows' gradient in the plain weight's layout where there is one (acl_conv2d_backward:
+  // autograd would otherwise copy a contiguous gradient of a channels_last parameter).
+  at::Tensor grad_weight = !output_mask[1]     ? at::empty({0}, options)
+                           : weight_c.defined() ? at::empty_like(weight_c, options)
+                                                : at::empty({s.num_plain, s.cg, s.kh, s.kw}, options);
   AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize_backward", [&] {
     akp_grad_tiles<scalar_t>(s, grad_c.const_data_ptr<scalar_t>(), *slice_strides(grad_c),
                              akp_c.const_data_ptr<scalar_t>(),
@@ -300,6 +304,7 @@ std::tuple<at::Tensor, at::Tensor> akp_grads(const at::Tensor& grad_W, const at:
                              family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
                              output_mask[0] ? grad_akp.mutable_data_ptr<scalar_t>() : nullptr,
                              output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr,
+                             output_mask[1] ? *slice_strides(grad_weight) : SliceStrides{},
                              w.defined() ? w.mutable_data_ptr<scalar_t>() : nullptr,
                              w.defined() ? *slice_strides(w) : SliceStrides{});
   });
