@@ -13,7 +13,7 @@ from .conv_args import ConvArgs, IntOrPair, PaddingArg, pair
 from .families import AKP_COUNT, AKP_NAMES, AKP_SLOTS, Family, pos, pos_inverse
 from .layout import Layout, LayoutSpec, describe_counts, make_layout
 from .reference import synthesize_layout
-from .validation import autocast_enabled
+from .validation import autocast_dtype
 
 
 class AnalyticConv2d(nn.Module):
@@ -138,8 +138,7 @@ class AnalyticConv2d(nn.Module):
         input."""
         if not isinstance(x, torch.Tensor):
             return None
-        autocast = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device) else None
-        return (x.dtype, x.device, x.shape, autocast, _tensor_signature(akp), _tensor_signature(weight),
+        return (x.dtype, x.device, x.shape, autocast_dtype(x.device), _tensor_signature(akp), _tensor_signature(weight),
                 _tensor_signature(bias), self._layout, self._conv, self.kernel_size, self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

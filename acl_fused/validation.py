@@ -40,6 +40,11 @@ def autocast_enabled(device: torch.device) -> bool:
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast runs ``device``'s convolutions in, or None when it is off there."""
+    return torch.get_autocast_dtype(device.type) if autocast_enabled(device) else None
+
+
 def _check_float(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -119,8 +124,8 @@ def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch
             raise ValueError(f"bias must be on the parameters' device {akp.device}, got {bias.device}")
         if bias.dtype != akp.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from the parameters' dtype {akp.dtype}")
-    autocast = autocast_enabled(x.device)
-    if not autocast and x.dtype != akp.dtype:
+    amp_dtype = autocast_dtype(x.device)
+    if amp_dtype is None and x.dtype != akp.dtype:
         raise TypeError(f"input dtype {x.dtype} differs from the parameters' dtype {akp.dtype} "
                         "(use the same dtype, or autocast)")
     top, bottom, left, right = conv.explicit_padding(kernel_size)
@@ -129,7 +134,7 @@ def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch
         if n + p < d * (k - 1) + 1:
             raise ValueError(f"input {axis} {n} (+{p} padding) is smaller than the dilated kernel "
                              f"({d * (k - 1) + 1})")
-    return torch.get_autocast_dtype(x.device.type) if autocast else None
+    return amp_dtype
 
 
 def make_problem(akp: torch.Tensor, layout: Layout, kernel_size: tuple[int, int], x: Optional[torch.Tensor] = None,

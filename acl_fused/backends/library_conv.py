@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..conv_args import ConvArgs
-from ..validation import autocast_enabled
+from ..validation import autocast_dtype
 
 
 def autocast_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]
@@ -23,9 +23,9 @@ def autocast_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]
     autograd casts their gradients back) and ``scope`` switches autocast off for the backend's
     call, which synthesizes W in the parameters' dtype and casts it to ``x.dtype``. Without
     autocast they come back as they are, with a no-op scope."""
-    if not autocast_enabled(x.device):
+    dtype = autocast_dtype(x.device)
+    if dtype is None:
         return x, bias, contextlib.nullcontext()
-    dtype = torch.get_autocast_dtype(x.device.type)
     return (x.to(dtype), None if bias is None else bias.to(dtype),
             torch.autocast(x.device.type, enabled=False))
 

@@ -2,8 +2,8 @@
 // mosaic (every family and the plain rows). A group of `lanes` threads (a power of two <= 32, so
 // a group never straddles a warp) owns one (o, c) slice: its lanes split the slice's mirror pairs
 // of grid points (families.h for_each_pair) and, for the AKP gradient, add their partial sums with
-// warp shuffles. No atomics, no shared
-// memory, nothing stored for the backward. Also registers the acl_conv2d composite for CUDA.
+// warp shuffles. No atomics, no shared memory, nothing stored for the backward. Also registers the
+// acl_conv2d composite for CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
