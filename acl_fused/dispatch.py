@@ -5,6 +5,8 @@ Each backend is a module exposing
     why_not(problem: Problem) -> str | None      # None: can run; otherwise a readable reason
     synthesize(akp, weight, layout, kernel_size) -> W [C_out, Cg, kH, kW]
     conv2d(x, akp, weight, layout, bias, conv: ConvArgs, kernel_size) -> y
+    bind_conv2d(layout, conv, kernel_size, device) -> f(x, akp, weight, bias) = conv2d(...)   (optional:
+        conv2d without autocast, its other arguments prepared once, for a module's repeated calls)
 
 called with inputs already validated by acl_fused.validation. Every backend module is imported
 once, with acl_fused (so torch.compile traces dictionary lookups here, never an import); a backend

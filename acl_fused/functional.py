@@ -1,7 +1,7 @@
 """Public functional API: validate once, pick a backend, run it."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -43,6 +43,18 @@ def conv2d(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[torch.
     keep theirs, so a forward pass does not rebuild them)."""
     akp, weight, ks, name = checked_conv2d_call(x, akp, weight, layout, bias, conv, kernel_size, backend)
     return dispatch.backend_module(name).conv2d(x, akp, weight, layout, bias, conv, ks)
+
+
+def bound_conv2d(name: str, layout: Layout, conv: ConvArgs, kernel_size: tuple[int, int], device: torch.device,
+                 autocast: bool) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                              Optional[torch.Tensor]], torch.Tensor]:
+    """Backend ``name``'s conv2d as a function of (x, akp, weight, bias) for inputs that passed
+    :func:`checked_conv2d_call`: prepared once by the backend's ``bind_conv2d`` where it has one
+    and autocast is off, else calling its conv2d."""
+    module = dispatch.backend_module(name)
+    if not autocast and hasattr(module, "bind_conv2d"):
+        return module.bind_conv2d(layout, conv, kernel_size, device)
+    return lambda x, akp, weight, bias: module.conv2d(x, akp, weight, layout, bias, conv, kernel_size)
 
 
 def checked_conv2d_call(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[torch.Tensor], layout: Layout,

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import dispatch, functional
+from . import functional
 from .conv_args import ConvArgs, IntOrPair, PaddingArg, pair
 from .families import AKP_COUNT, AKP_NAMES, AKP_SLOTS, Family, pos, pos_inverse
 from .layout import Layout, LayoutSpec, describe_counts, make_layout
@@ -28,8 +28,8 @@ class AnalyticConv2d(nn.Module):
     Input [N, C_in, H, W] -> output [N, C_out, H_out, W_out].
     """
 
-    #: (signature, backend name, kernel size) of the last forward call (see forward); a class
-    #: default, so that modules pickled before it existed load and run.
+    #: (signature, bound backend call) of the last forward call (see forward); a class default, so
+    #: that modules pickled before it existed load and run.
     _call_plan: Optional[tuple] = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
@@ -124,12 +124,20 @@ class AnalyticConv2d(nn.Module):
         if plan is None or plan[0] != signature:
             akp_, weight_, ks, name = functional.checked_conv2d_call(x, akp, weight, self._layout, bias, self._conv,
                                                                      self.kernel_size, self.backend)
-            plan = (signature, name, ks)
+            plan = (signature, functional.bound_conv2d(name, self._layout, self._conv, ks, akp_.device,
+                                                       autocast=signature[3] is not None))
             if akp_ is akp and weight_ is weight:
                 self._call_plan = plan
             else:  # the checks stood in for a missing or empty parameter: run with theirs, keep nothing
                 akp, weight = akp_, weight_
-        return dispatch.backend_module(plan[1]).conv2d(x, akp, weight, self._layout, bias, self._conv, plan[2])
+        return plan[1](x, akp, weight, bias)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles start without a call plan: it holds a function bound to this module's
+        # device tensors, which pickle cannot store.
+        state = super().__getstate__()
+        state.pop("_call_plan", None)
+        return state
 
     def _call_signature(self, x: torch.Tensor, akp, weight, bias) -> Optional[tuple]:
         """Everything the checks and the backend choice of a forward call read: a call with the same

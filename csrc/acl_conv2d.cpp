@@ -48,14 +48,12 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& akp, int64_t c_o
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, "acl_fused: stride and dilation must be pairs");
 }
 
-at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
 // grad_weight laid out as at::empty_like(weight) (a channels_last parameter's gradient is
 // channels_last), as autograd wants a parameter's gradient: it would copy it otherwise, and the
 // fake kernel promises this layout. The CPU kernels write it so; elsewhere this copies.
+// (empty_like keeps the strides of a dense tensor, as parameters are.)
 at::Tensor laid_out_like(const at::Tensor& grad_weight, const at::Tensor& weight) {
-  const at::Tensor layout = at::empty_like(weight, weight.options().device(at::kMeta));
-  if (grad_weight.strides() == layout.strides()) return grad_weight;
+  if (weight.is_non_overlapping_and_dense() && grad_weight.strides() == weight.strides()) return grad_weight;
   return at::empty_like(weight).copy_(grad_weight);
 }
 
@@ -93,7 +91,8 @@ at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std:
   }
   // Synthesized in the parameters' dtype (float32 for autocast), then one cast to the conv dtype.
   const at::Tensor w =
-      Synthesis::weight(akp, weight, family, row, kernel_size, input.suggest_memory_format()).to(input.scalar_type());
+      in_dtype(Synthesis::weight(akp, weight, family, row, kernel_size, input.suggest_memory_format()),
+               input.scalar_type());
   const PaddedInput p = pad_input(input, padding);
   return at::convolution(p.x, w, bias, stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups);
 }
@@ -109,17 +108,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   const bool want_input = output_mask[0], want_akp = output_mask[1], want_weight = output_mask[2];
   const bool want_bias = output_mask[3], want_w = want_akp || want_weight;
 
-  at::Tensor grad_input = empty_grad(input), grad_bias = empty_grad(input);
-  at::Tensor grad_akp = empty_grad(akp), grad_weight = empty_grad(akp);
-  if (!(want_input || want_w || want_bias)) {
-    return {grad_input, grad_akp, grad_weight, grad_bias};
-  }
+  // Gradients not asked for are returned as empty [0] tensors (made at the end, only for those).
+  at::Tensor grad_input, grad_akp, grad_weight, grad_bias;
+  const auto results = [&] {
+    const auto or_empty = [](at::Tensor& grad, const at::Tensor& like) {
+      return grad.defined() ? std::move(grad) : at::empty({0}, like.options());
+    };
+    return std::make_tuple(or_empty(grad_input, input), or_empty(grad_akp, akp), or_empty(grad_weight, akp),
+                           or_empty(grad_bias, input));
+  };
+  if (!(want_input || want_w || want_bias)) return results();
   const at::ScalarType dtype = input.scalar_type();
   const at::MemoryFormat memory_format = input.suggest_memory_format();
   const PaddedInput p = pad_input(input, padding);
   const std::vector<int64_t> bias_sizes{c_out};
+  const at::Tensor grad_y = in_dtype(grad_output, dtype);
   const auto convolution_backward = [&](const at::Tensor& w, std::array<bool, 3> mask) {
-    return at::convolution_backward(grad_output.to(dtype), p.x, w,
+    return at::convolution_backward(grad_y, p.x, w,
                                     mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
                                     p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups, mask);
   };
@@ -137,17 +142,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     // gw is given away: its memory may become W's (CpuSynthesis), or be reused by grad_input's
     // convolution.
     at::Tensor w;
-    std::tie(w, grad_akp, grad_weight) = Synthesis::weight_and_grads(
-        std::exchange(gw, at::Tensor()).to(akp.scalar_type()), akp, weight, family, row, kernel_size, memory_format,
-        want_weight);
-    gx = std::get<0>(convolution_backward(w.to(dtype), {true, false, false}));
+    std::tie(w, grad_akp, grad_weight) =
+        Synthesis::weight_and_grads(in_dtype(std::exchange(gw, at::Tensor()), akp.scalar_type()), akp, weight,
+                                    family, row, kernel_size, memory_format, want_weight);
+    gx = std::get<0>(convolution_backward(in_dtype(w, dtype), {true, false, false}));
   } else {
     const at::Tensor w =
-        want_input ? Synthesis::weight(akp, weight, family, row, kernel_size, memory_format).to(dtype) : shape_only();
+        want_input ? in_dtype(Synthesis::weight(akp, weight, family, row, kernel_size, memory_format), dtype)
+                   : shape_only();
     std::tie(gx, gw, gb) = convolution_backward(w, {want_input, want_w, want_bias});
     if (want_w) {
       std::tie(grad_akp, grad_weight) =
-          dispatch::synthesize_backward(gw.to(akp.scalar_type()), akp, family, row, {want_akp, want_weight});
+          dispatch::synthesize_backward(in_dtype(gw, akp.scalar_type()), akp, family, row, {want_akp, want_weight});
     }
   }
   if (want_input) {
@@ -157,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   }
   if (want_bias) grad_bias = gb;
   if (want_weight && weight.has_value()) grad_weight = laid_out_like(grad_weight, *weight);
-  return {grad_input, grad_akp, grad_weight, grad_bias};
+  return results();
 }
 
 #define ACL_FUSED_INSTANTIATE(Synthesis)                                                                    \

@@ -28,6 +28,12 @@ SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at
 // CUDA the kernels assert instead, so that no call synchronises).
 void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape);
 
+// t in dtype: t itself when it has it. Tensor::to goes through the dispatcher even when it has
+// nothing to do, and a training step made ~16 such calls.
+inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 // Where a device's acl_conv2d kernels get W (the synthesize op's result, in the convolution's
 // memory format) and, for the backward, W with the gradients of the synthesize_backward op.
 //   weight(akp, weight, family, row, kernel_size, memory_format) -> W

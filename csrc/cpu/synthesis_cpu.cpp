@@ -241,8 +241,9 @@ at::Tensor synthesize_with(const at::Tensor& akp, const std::optional<at::Tensor
   const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
   check_layout_values(family, row, s);
   const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
-  const at::Tensor akp_c = akp.to(compute).contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
-  const at::Tensor weight_c = weight.has_value() ? with_slice_strides(weight->to(compute)) : at::Tensor();
+  const at::Tensor akp_c = in_dtype(akp, compute).contiguous();
+  const at::Tensor family_c = family.contiguous(), row_c = row.contiguous();
+  const at::Tensor weight_c = weight.has_value() ? with_slice_strides(in_dtype(*weight, compute)) : at::Tensor();
   at::Tensor out = new_out(s, akp.options().dtype(compute));
   AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize", [&] {
     synthesize_tiles<scalar_t>(s, akp_c.const_data_ptr<scalar_t>(),
@@ -251,7 +252,7 @@ at::Tensor synthesize_with(const at::Tensor& akp, const std::optional<at::Tensor
                                family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
                                out.mutable_data_ptr<scalar_t>(), *slice_strides(out));
   });
-  return out.to(akp.scalar_type());
+  return in_dtype(out, akp.scalar_type());
 }
 
 at::Tensor synthesize_cpu(const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
@@ -261,10 +262,9 @@ at::Tensor synthesize_cpu(const at::Tensor& akp, const std::optional<at::Tensor>
   });
 }
 
-// The first `numel` elements of a buffer this thread keeps between calls (one per dtype), grown
-// to the largest request; a new buffer replaces it when the last view handed out is still alive
-// (anyone may keep a tensor they were given).
-at::Tensor reused_buffer(int64_t numel, const at::TensorOptions& options) {
+// This thread's buffer of `dtype`, kept between calls and grown to the largest request; a new
+// buffer replaces it when a view handed out is still alive (anyone may keep a tensor they were given).
+const at::Tensor& reused_buffer(int64_t numel, const at::TensorOptions& options) {
   thread_local std::array<at::Tensor, static_cast<size_t>(at::ScalarType::NumOptions)> buffers;
   at::Tensor& buffer = buffers[static_cast<size_t>(options.dtype().toScalarType())];
   if (!buffer.defined() || buffer.storage().use_count() > 1 || buffer.numel() < numel) {
@@ -272,7 +272,7 @@ at::Tensor reused_buffer(int64_t numel, const at::TensorOptions& options) {
     buffer = at::Tensor();  // the old buffer goes first, so that its memory can be the new one's
     buffer = at::empty({capacity}, options);
   }
-  return buffer.narrow(0, 0, numel);
+  return buffer;
 }
 
 // (grad_akp, grad_weight) as synthesize_backward_cpu returns them; where w is defined (a tensor
@@ -286,9 +286,10 @@ std::tuple<at::Tensor, at::Tensor> akp_grads(const at::Tensor& grad_W, const at:
   check_layout_values(family, row, s);
   // grad_W is taken in akp's dtype first, as on CUDA.
   const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
-  const at::Tensor grad_c = with_slice_strides(grad_W.to(akp.scalar_type()).to(compute));
-  const at::Tensor akp_c = akp.to(compute).contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
-  const at::Tensor weight_c = weight.has_value() ? with_slice_strides(weight->to(compute)) : at::Tensor();
+  const at::Tensor grad_c = with_slice_strides(in_dtype(in_dtype(grad_W, akp.scalar_type()), compute));
+  const at::Tensor akp_c = in_dtype(akp, compute).contiguous();
+  const at::Tensor family_c = family.contiguous(), row_c = row.contiguous();
+  const at::Tensor weight_c = weight.has_value() ? with_slice_strides(in_dtype(*weight, compute)) : at::Tensor();
   const at::TensorOptions options = akp.options().dtype(compute);
   at::Tensor grad_akp = output_mask[0] ? at::empty_like(akp_c) : at::empty({0}, options);
   // The plain rows' gradient in the plain weight's layout where there is one (acl_conv2d_backward:
@@ -308,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> akp_grads(const at::Tensor& grad_W, const at:
                              w.defined() ? w.mutable_data_ptr<scalar_t>() : nullptr,
                              w.defined() ? *slice_strides(w) : SliceStrides{});
   });
-  return {grad_akp.to(akp.scalar_type()), grad_weight.to(akp.scalar_type())};
+  return {in_dtype(grad_akp, akp.scalar_type()), in_dtype(grad_weight, akp.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& grad_W, const at::Tensor& akp,
@@ -318,12 +319,14 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
 }
 
 // A [C_out, Cg, kH, kW] tensor in `memory_format`, viewing the first elements of this thread's
-// reused buffer of its dtype.
+// reused buffer of its dtype (one as_strided: a chain of views cost a few us a call).
 at::Tensor conv_weight_buffer(at::IntArrayRef sizes, at::TensorOptions options, at::MemoryFormat memory_format) {
-  const int64_t c_out = sizes[0], cg = sizes[1], kh = sizes[2], kw = sizes[3];
-  const at::Tensor flat = reused_buffer(c_out * cg * kh * kw, options);
-  return memory_format == at::MemoryFormat::ChannelsLast ? flat.view({c_out, kh, kw, cg}).permute({0, 3, 1, 2})
-                                                         : flat.view({c_out, cg, kh, kw});
+  const int64_t cg = sizes[1], kh = sizes[2], kw = sizes[3];
+  const int64_t numel = sizes[0] * cg * kh * kw;
+  const std::array<int64_t, 4> strides = memory_format == at::MemoryFormat::ChannelsLast
+                                             ? std::array<int64_t, 4>{cg * kh * kw, 1, kw * cg, cg}
+                                             : std::array<int64_t, 4>{cg * kh * kw, kh * kw, kw, 1};
+  return reused_buffer(numel, options).as_strided(sizes, strides);
 }
 
 }  // namespace
@@ -362,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
                            : conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw}, akp.options().dtype(compute),
                                                 memory_format);
   auto [grad_akp, grad_weight] = akp_grads(grad_W, akp, weight, family, row, {true, want_weight}, w);
-  return {w.to(akp.scalar_type()), grad_akp, grad_weight};
+  return {in_dtype(w, akp.scalar_type()), grad_akp, grad_weight};
 }
 
 TORCH_LIBRARY_IMPL(acl_fused, CPU, m) {

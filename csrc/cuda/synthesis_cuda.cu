@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
                                                             std::array<bool, 2> output_mask) {
   const SynthesisShape s = check_synthesize_backward_args(grad_W, akp, family, row);
   const c10::cuda::CUDAGuard device_guard(akp.device());
-  const at::Tensor grad_c = grad_W.to(akp.scalar_type()).contiguous();
+  const at::Tensor grad_c = in_dtype(grad_W, akp.scalar_type()).contiguous();
   const at::Tensor akp_c = akp.contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
   at::Tensor grad_akp = output_mask[0] ? at::empty_like(akp_c) : at::empty({0}, akp.options());
   at::Tensor grad_weight = output_mask[1] ? at::empty({s.num_plain, s.cg, s.kh, s.kw}, akp.options())
