@@ -462,6 +462,26 @@ def test_backward_saves_inputs_only_and_recomputes_w(extension):
 FLOAT64_BOUND = 1e-12
 
 
+@pytest.mark.parametrize("conv", [{"padding": "same", "dilation": 2}, {"stride": 2, "padding": (2, 1), "groups": 2}],
+                         ids=str)
+def test_bound_conv2d_is_f_conv2d_of_w(extension, conv):
+    """native.bind_conv2d (what a module's call plan runs) is F.conv2d with W: output and
+    gradients, asymmetric 'same' padding, stride, dilation and groups included."""
+    args = ConvArgs.make(**conv)
+    akp, weight, layout = make_inputs(MOSAIC + [F_.PLAIN], 2, (4, 3))   # 12 channels: groups of 2
+    akp.requires_grad_(), weight.requires_grad_()
+    x = torch.randn(2, 2 * args.groups, 7, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(layout.out_channels, dtype=torch.float64, requires_grad=True)
+    inputs = (x, akp, weight, bias)
+    y = native.bind_conv2d(layout, args, (4, 3), x.device)(x, akp, weight, bias)
+    want = torch.nn.functional.conv2d(x, native.synthesize(akp, weight, layout, (4, 3)), bias, args.stride,
+                                      args.padding, args.dilation, args.groups)
+    grad = torch.randn_like(want)
+    assert rel_err(y, want) <= FLOAT64_BOUND
+    for g, g_want in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+        assert rel_err(g, g_want) <= FLOAT64_BOUND
+
+
 def native_matches_reference_on_cpu(case: Case, dtype: torch.dtype, seed: int = 0,
                                     memory_format=torch.contiguous_format):
     """Runs ``case`` through the native backend on CPU tensors (input and plain weight in
