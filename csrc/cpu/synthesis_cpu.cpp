@@ -49,14 +49,14 @@ const TileKernels* simd_tile_kernels() {
 constexpr int kMinSimdLanes = 2;
 
 // Estimated nanoseconds of one slice of family `code` with kk points: a per-slice part (pos(),
-// cos θ, ... for the analytic families) and a per-point part, fitted to float32 synthesize on one
-// thread of the AVX2 tiles (AMD EPYC, 256->256 1x1 / 3x3 / 5x5, one family at a time; the backward
-// costs 1.2-1.5x as much in the same proportions). Only the ratios matter to the split below; the
-// total decides whether a second thread pays for its start.
+// cos θ, ... for the analytic families, and their centre) and a per-point part, fitted to float32
+// synthesize on one thread of the AVX2 tiles (AMD EPYC, 256->256 1x1 / 3x3 / 5x5, one family at a
+// time; the backward costs 1.2-1.5x as much in the same proportions). Only the ratios matter to the
+// split below; the total decides whether a second thread pays for its start.
 double slice_cost_ns(int code, int64_t kk) {
   //                                          plain  Gabor  LoG   LoT   TGD1  TGD2  Mean
-  static constexpr double kPerSlice[kNumFamilies] = {0.0, 6.0, 4.0, 2.7, 4.5, 4.5, 2.0};
-  static constexpr double kPerPoint[kNumFamilies] = {0.15, 1.25, 0.5, 0.35, 0.9, 0.9, 0.13};
+  static constexpr double kPerSlice[kNumFamilies] = {0.0, 4.9, 2.8, 2.7, 4.5, 3.1, 2.0};
+  static constexpr double kPerPoint[kNumFamilies] = {0.15, 1.2, 0.5, 0.35, 0.9, 0.9, 0.13};
   const int f = code >= 0 && code < kNumFamilies ? code : 0;
   return kPerSlice[f] + kPerPoint[f] * static_cast<double>(kk);
 }
