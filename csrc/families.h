@@ -234,12 +234,12 @@ struct LoG {
     const T t = (x * x + y * y) * inv_2s2;
     return {t, at_.exp_minus(t)};
   }
-  C10_HOST_DEVICE T value_from(const Point& q) const { return a * (T(1) - q.t) * q.e; }
-  C10_HOST_DEVICE T add_grad_from(const Point& q, T g, T* acc) const {
-    const T ge = g * q.e;
-    acc[0] += ge * (T(1) - q.t);
-    acc[1] += ge * q.t * (T(2) - q.t);
-    return value_from(q);
+  C10_HOST_DEVICE T value_from(const Point& pt) const { return a * (T(1) - pt.t) * pt.e; }
+  C10_HOST_DEVICE T add_grad_from(const Point& pt, T g, T* acc) const {
+    const T ge = g * pt.e;
+    acc[0] += ge * (T(1) - pt.t);
+    acc[1] += ge * pt.t * (T(2) - pt.t);
+    return value_from(pt);
   }
 };
 
