@@ -283,6 +283,38 @@ def test_nan_amplitudes_and_scales_give_nan_slices_like_the_reference(extension,
     assert torch.equal(torch.isnan(w), torch.isnan(w_ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_1x1_kernels_take_stand_in_constants_for_tame_slices_only(extension, dtype):
+    """A 1x1 kernel is its centre, where pos() and the rotation only meet zeros: tame slices are
+    synthesized from stand-in constants (csrc/families.h StandIns). A NaN or infinite angle or scale,
+    or a scale beyond the tame bound, takes the AKPs' own constants: W and the AKP gradients have
+    NaN exactly where the reference has, and match it elsewhere. Each such slice sits in a SIMD tile
+    of its own (8 slices), whose other slices are tame."""
+    codes = ANALYTIC * 2
+    torch.manual_seed(7)
+    akp = wide_range_akps(codes, 48)
+    wild = {3: ("a", math.nan), 9: ("s_sigma", math.nan), 21: ("theta", math.inf), 28: ("s_gamma", math.inf),
+            29: ("s_rho", math.inf), 33: ("s_lambda", math.nan), 38: ("s_sigma", 15.0), 45: ("s_rho", -math.inf)}
+    for r, f in enumerate(codes):
+        for c, (name, value) in wild.items():
+            if name in AKP_NAMES[f]:
+                akp[r, c, AKP_NAMES[f].index(name)] = value
+    layout = Layout([int(f) for f in codes])
+    family, row = layout_args(layout)
+    grad_w = torch.randn(len(codes), 48, 1, 1, dtype=torch.float64)
+    w_ref, grad_ref, _ = reference_grads(akp, None, layout, (1, 1), grad_w)
+    w = ops.synthesize(akp.to(dtype), None, family, row, [1, 1])
+    grad_akp, _ = ops.synthesize_backward(grad_w.to(dtype), akp.to(dtype), family, row, [True, False])
+    used = used_slots(layout).expand_as(grad_ref)
+    grad_akp, grad_ref = grad_akp[used], grad_ref[used]
+    assert torch.isnan(w_ref).any() and torch.isnan(grad_ref).any()
+    assert torch.equal(torch.isnan(w), torch.isnan(w_ref))
+    assert torch.equal(torch.isnan(grad_akp), torch.isnan(grad_ref))
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    assert rel_err(w.nan_to_num(), w_ref.nan_to_num()) <= tol
+    assert rel_err(grad_akp.nan_to_num(), grad_ref.nan_to_num()) <= tol
+
+
 def synthesis_outputs(akp, weight, family, row, grad_w):
     """(W, grad_akp, grad_weight) of the CPU ops for a 3x3 kernel."""
     return (ops.synthesize(akp, weight, family, row, [3, 3]),
