@@ -288,13 +288,13 @@ def test_1x1_kernels_take_stand_in_constants_for_tame_slices_only(extension, dty
     """A 1x1 kernel is its centre, where pos() and the rotation only meet zeros: tame slices are
     synthesized from stand-in constants (csrc/families.h StandIns). A NaN or infinite angle or scale,
     or a scale beyond the tame bound, takes the AKPs' own constants: W and the AKP gradients have
-    NaN exactly where the reference has, and match it elsewhere. Each such slice sits in a SIMD tile
-    of its own (8 slices), whose other slices are tame."""
+    NaN exactly where the reference has, and match it elsewhere. Each such slice is the only one of
+    its SIMD tile (8 slices of a row) that is not tame."""
     codes = ANALYTIC * 2
     torch.manual_seed(7)
     akp = wide_range_akps(codes, 48)
     wild = {3: ("a", math.nan), 9: ("s_sigma", math.nan), 21: ("theta", math.inf), 28: ("s_gamma", math.inf),
-            29: ("s_rho", math.inf), 33: ("s_lambda", math.nan), 38: ("s_sigma", 15.0), 45: ("s_rho", -math.inf)}
+            29: ("s_rho", math.inf), 33: ("s_lambda", math.nan), 41: ("s_sigma", 15.0), 45: ("s_rho", -math.inf)}
     for r, f in enumerate(codes):
         for c, (name, value) in wild.items():
             if name in AKP_NAMES[f]:
