@@ -43,6 +43,7 @@ KERNEL_SIZES = [(1, 1), (1, 2), (2, 2), (3, 3), (4, 4), (3, 5), (5, 2), (7, 7), 
 ANALYTIC = [f for f in Family if f != F_.PLAIN]
 LOW = [torch.float16, torch.bfloat16]
 ops = torch.ops.acl_fused
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture
@@ -283,13 +284,16 @@ def test_nan_amplitudes_and_scales_give_nan_slices_like_the_reference(extension,
     assert torch.equal(torch.isnan(w), torch.isnan(w_ref))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_1x1_kernels_take_stand_in_constants_for_tame_slices_only(extension, dtype):
+def test_1x1_kernels_take_stand_in_constants_for_tame_slices_only(extension, request, dtype, device):
     """A 1x1 kernel is its centre, where pos() and the rotation only meet zeros: tame slices are
     synthesized from stand-in constants (csrc/families.h StandIns). A NaN or infinite angle or scale,
     or a scale beyond the tame bound, takes the AKPs' own constants: W and the AKP gradients have
     NaN exactly where the reference has, and match it elsewhere. Each such slice is the only one of
-    its SIMD tile (8 slices of a row) that is not tame."""
+    its SIMD tile (8 slices of a row) that is not tame. CUDA runs the same families.h code."""
+    if device == "cuda":
+        request.getfixturevalue("cuda_kernels")
     codes = ANALYTIC * 2
     torch.manual_seed(7)
     akp = wide_range_akps(codes, 48)
@@ -300,11 +304,12 @@ def test_1x1_kernels_take_stand_in_constants_for_tame_slices_only(extension, dty
             if name in AKP_NAMES[f]:
                 akp[r, c, AKP_NAMES[f].index(name)] = value
     layout = Layout([int(f) for f in codes])
-    family, row = layout_args(layout)
+    family, row = layout_args(layout, device)
     grad_w = torch.randn(len(codes), 48, 1, 1, dtype=torch.float64)
     w_ref, grad_ref, _ = reference_grads(akp, None, layout, (1, 1), grad_w)
-    w = ops.synthesize(akp.to(dtype), None, family, row, [1, 1])
-    grad_akp, _ = ops.synthesize_backward(grad_w.to(dtype), akp.to(dtype), family, row, [True, False])
+    a, g = akp.to(device, dtype), grad_w.to(device, dtype)
+    w = ops.synthesize(a, None, family, row, [1, 1]).cpu()
+    grad_akp = ops.synthesize_backward(g, a, family, row, [True, False])[0].cpu()
     used = used_slots(layout).expand_as(grad_ref)
     grad_akp, grad_ref = grad_akp[used], grad_ref[used]
     assert torch.isnan(w_ref).any() and torch.isnan(grad_ref).any()
@@ -804,9 +809,6 @@ def test_module_compiles_without_graph_breaks(extension):
 
 
 # -- CUDA ---------------------------------------------------------------------------------------
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.fixture
 def cuda_kernels(extension):
     if not native.has_cuda_kernels():
