@@ -9,8 +9,11 @@
 #
 # A task lent a device has 15 minutes of device time in all, the machine's start (a minute or
 # more) included, and one call may run 10: so the whole call ends within BUDGET seconds (default
-# 480: one call, with time left to rerun a part). Each step runs for at most its own limit and
-# never past the budget; steps the budget no longer reaches are reported as not run.
+# 480). Each step runs for at most its own limit and never past the budget; steps the budget no
+# longer reaches are reported as not run. The plan for a lent task: one call with no stage named
+# (the build and the suite take most of it), then at once, while the machine is warm (30 s), what
+# the device time left allows of `BUDGET=... bash scripts/gpu_check.sh bench` (the build is then
+# ninja's no-op).
 # Exit status: 0 when every step ran and passed. DEVICE=cpu runs the same steps on the CPU (a dry
 # run of this script).
 set -uo pipefail
