@@ -5,7 +5,7 @@ Sections (``--sections``, all by default):
 * layers: for every ResNet-18/34 conv shape x batch x dtype mode x memory format x pass
   (forward, backward, forward+backward), nn.Conv2d and every runnable backend with every layout
   (default mosaic, all-analytic) on the same input and upstream gradient: median time with its
-  spread, ratio to nn.Conv2d and to the reference path, achieved TFLOP/s, peak memory (CUDA),
+  spread, ratio to nn.Conv2d and to the reference path, achieved TFLOP/s, peak memory,
   bytes saved for backward, forward error against torch's conv of the reference synthesis;
 * synthesis: W = synthesize(akp, weight) and its backward alone, 64->64 3x3 default layout, float32;
 * training: a whole SGD step of a ResNet-18 with ACL in every conv vs with nn.Conv2d (images/s).
@@ -65,7 +65,7 @@ class LayerRow:
     vs_conv: Optional[float] = None      # time / nn.Conv2d's time (same case and pass)
     vs_reference: Optional[float] = None  # time / the reference backend's time (same layout)
     tflops: Optional[float] = None
-    peak_mib: Optional[float] = None     # CUDA: max_memory_allocated delta over one call
+    peak_mib: Optional[float] = None     # most allocated at once during one call, beyond what was before
     saved_mib: Optional[float] = None    # storages saved for backward by one forward
     rel_err: Optional[float] = None      # forward vs F.conv2d with the reference synthesis
 
@@ -302,11 +302,14 @@ def markdown(env: dict[str, str], layers: list[LayerRow], synthesis: list[Synthe
                 pivot([r for r in ok if r.pass_ == ok[0].pass_], lambda r: (r.shape, r.batch, r.dtype, r.memory_format),
                       case_names[:4], lambda r: f"{r.saved_mib:.2f}")]
         if any(r.peak_mib is not None for r in ok):
-            out += ["", "## Memory: peak MiB above the allocation before the call (CUDA)", "",
-                    pivot(ok, case_key, case_names, lambda r: f"{r.peak_mib:.1f}")]
+            out += ["", "## Memory: peak MiB allocated during one call beyond what was allocated before it", "",
+                    pivot(ok, case_key, case_names, lambda r: f"{r.peak_mib:.2f}")]
+            if any(r.impl.startswith("native/") and r.device == "cpu" for r in ok):
+                out += ["", "native on the CPU synthesizes W into a buffer it keeps between calls (one per thread "
+                        "and dtype, the size of the largest W it made: csrc/README.md), so W is not in its peaks."]
         else:
-            out += ["", "Peak memory: n/a on this device (its allocator keeps no statistics); the saved-for-backward "
-                    "bytes above are the memory measure here."]
+            out += ["", "Peak memory: n/a here (neither allocator statistics nor the profiler's allocation record); "
+                    "the saved-for-backward bytes above are the memory measure here."]
         out += ["", "## Forward error vs F.conv2d with the reference synthesis (max over cases)", "",
                 table(["dtype"] + list(dict.fromkeys(r.impl for r in ok)),
                       ([d] + [f"{max((r.rel_err for r in ok if r.dtype == d and r.impl == i), default=0):.1e}"

@@ -7,9 +7,11 @@
 * CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with every intra-op thread (the Timer's
   default is ONE thread), each round after a warm-up; median and interquartile range over the
   blocks.
-* Peak memory (CUDA only): ``torch.cuda.max_memory_allocated`` during one call minus what was
-  allocated before it (outputs, saved tensors, gradients, workspaces). The CPU allocator keeps no
-  such statistics, so on CPU it is None ("n/a").
+* Peak memory: the most memory allocated at once during one call beyond what was allocated before
+  it (outputs, saved tensors, gradients, workspaces). CUDA: ``torch.cuda.max_memory_allocated``.
+  CPU, whose allocator keeps no statistics: the profiler's record of the call's allocations and
+  frees (``profile_memory``), each with the running total of memory allocated while it records;
+  memory allocated outside the allocator (oneDNN's scratchpads) is seen on neither side.
 * CPU heap: :func:`keep_freed_memory` (the throughput script's default on CPU) makes glibc's malloc
   keep freed memory instead of returning it to the OS, as the jemalloc / tcmalloc setups of
   PyTorch's CPU performance guide do; otherwise a tensor of a few MiB is mapped afresh and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
@@ -171,8 +174,10 @@ def keep_freed_memory() -> str:
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
-    """Bytes allocated at the peak of one ``fn()`` call beyond what was allocated before it
-    (CUDA); None on other devices."""
+    """Bytes allocated at the peak of one ``fn()`` call beyond what was allocated before it (CUDA,
+    CPU); None on other devices and where this torch's profiler cannot tell."""
+    if device.type == "cpu":
+        return _cpu_peak_memory(fn)
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -181,6 +186,35 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+# Kineto prints a line at every start and stop of the profiler (its "USDT" level, 5) unless its
+# log level is above that; read when the profiler first starts.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
+def _cpu_peak_memory(fn: Callable[[], Any]) -> Optional[int]:
+    """peak_memory on the CPU: the profiler records every allocation and free made while it runs,
+    each with the total allocated at that moment (counting only what was allocated while it
+    records, so the total before the call is the first event's total less its own size)."""
+    try:
+        from torch._C._profiler import _EventType
+    except ImportError:  # the profiler's event tree is not public API: absent, report n/a
+        return None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append(event)
+    if not events:
+        return 0
+    events.sort(key=lambda e: e.start_time_ns)
+    first = events[0].extra_fields
+    before = first.total_allocated - first.alloc_size
+    return max(0, max(e.extra_fields.total_allocated for e in events) - before)
 
 
 def saved_tensor_bytes(fn: Callable[[], Any]) -> int:

@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from acl_fused.backends import native
+from benchmarks.timing import peak_memory
 from conftest import skip_or_fail_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +46,15 @@ def test_throughput_script_writes_every_report(tmp_path):
         if r["status"] == "ok" and r["impl"] != "nn.Conv2d":
             assert float(r["median_ms"]) > 0 and float(r["vs_conv"]) > 0
             assert float(r["rel_err"]) < 1e-5, r          # SPEC §6, float32 IEEE
+        if r["status"] == "ok":
+            assert float(r["peak_mib"]) > 0, r             # the CPU's peak, from the profiler's record
     assert {r["impl"] for r in layers if r["status"] == "not timed"} == {"triton/default", "triton/analytic"}
     synthesis = {r["impl"]: r for r in read_rows(tmp_path / "synthesis_cpu.csv")}
     assert synthesis["native"]["status"] == synthesis["reference"]["status"] == "ok"
     training = {r["impl"]: r for r in read_rows(tmp_path / "training_cpu.csv")}
-    assert float(training["native"]["images_per_s"]) > 0
+    assert float(training["native"]["images_per_s"]) > 0 and float(training["native"]["peak_mib"]) > 0
     report = (tmp_path / "throughput_cpu.md").read_text()
-    assert "## Summary" in report and "## Training step" in report
+    assert "## Summary" in report and "## Training step" in report and "## Memory: peak MiB" in report
     assert "- heap: " in report   # the CPU heap setting the timings ran with (timing.keep_freed_memory)
 
 
@@ -57,3 +62,18 @@ def test_pytest_benchmark_suites_smoke(tmp_path):
     """`pytest benchmarks/` without --benchmark-only runs every benchmark body once, untimed."""
     done = run("-m", "pytest", "benchmarks/", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path}")
     assert " passed" in done.stdout
+
+
+def test_cpu_peak_memory_is_the_most_allocated_at_once():
+    """peak_memory on the CPU (the profiler's allocation record): 1 MiB and 2 MiB held together, both
+    freed, then 0.5 MiB held: the peak is 3 MiB, neither the largest block nor what is left."""
+    mib = 2**20
+
+    def allocate() -> torch.Tensor:
+        a, b = torch.empty(mib // 4), torch.empty(mib // 2)
+        del a, b
+        return torch.empty(mib // 8)
+
+    peak = peak_memory(allocate, torch.device("cpu"))
+    assert peak is not None, "this torch's profiler keeps no allocation record"
+    assert 3 * mib <= peak < 3 * mib + 64 * 1024, peak / mib
