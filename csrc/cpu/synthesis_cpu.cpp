@@ -354,7 +354,9 @@ at::Tensor CpuSynthesis::unfilled_weight(at::IntArrayRef sizes, at::TensorOption
 // W is written over grad_W where grad_W is laid out as W (the compute dtype, the convolution's
 // memory format): the pass reads a tile's gradient (a plain row's, before its copy of the weight)
 // before it writes the tile's kernel, and W's writes then land on the lines just read instead of
-// a second W-sized buffer's.
+// a second W-sized buffer's. (The price: W and the parameter gradients are held together during
+// the input gradient's convolution; into the thread's buffer instead, the backward's peak memory
+// measured near nn.Conv2d's, its time up to 15% longer: benchmarks/RESULTS.md.)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
     at::Tensor grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
     const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format, bool want_weight) {
