@@ -203,7 +203,11 @@ def _cpu_peak_memory(fn: Callable[[], Any]) -> Optional[int]:
         return None
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    try:
+        tree = prof.profiler.kineto_results.experimental_event_tree()
+    except AttributeError:
+        return None
+    events, stack = [], list(tree)
     while stack:
         event = stack.pop()
         stack.extend(event.children)
