@@ -39,14 +39,13 @@ inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
 //   weight(akp, weight, family, row, kernel_size, memory_format) -> W
 //   weight_and_grads(grad_W, akp, weight, family, row, kernel_size, memory_format, want_weight)
 //       -> (W, grad_akp, grad_weight: empty [0] when not wanted); grad_W is the caller's to give
-//       away: W may be written over it
+//       away, so that it is freed before W's convolution
 //   unfilled_weight(sizes, options, memory_format) -> a tensor of W's shape whose values are never
 //       read (the weight gradient's convolution needs one for its shape)
 // DispatchedSynthesis (CUDA) calls the ops (the caching allocator reuses W's memory; a format copy
 // is the one cuDNN would make); CpuSynthesis (cpu/) writes W in the format, into a buffer each
 // thread reuses (every W-sized tensor here: glibc's malloc would fault fresh ones in each call),
-// and computes W and the gradients in one pass, writing W over grad_W where grad_W already has
-// W's dtype and memory format.
+// and computes W and the gradients in one pass.
 #define ACL_FUSED_DECLARE_SYNTHESIS(Name)                                                                     \
   struct Name {                                                                                               \
     static at::Tensor weight(const at::Tensor& akp, const std::optional<at::Tensor>& weight,                  \

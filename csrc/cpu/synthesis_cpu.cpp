@@ -276,8 +276,7 @@ const at::Tensor& reused_buffer(int64_t numel, const at::TensorOptions& options)
 }
 
 // (grad_akp, grad_weight) as synthesize_backward_cpu returns them; where w is defined (a tensor
-// of W's shape with SliceStrides, in the compute dtype; it may be grad_W itself, see
-// CpuSynthesis::weight_and_grads) the same pass also writes W into it.
+// of W's shape with SliceStrides, in the compute dtype) the same pass also writes W into it.
 std::tuple<at::Tensor, at::Tensor> akp_grads(const at::Tensor& grad_W, const at::Tensor& akp,
                                              const std::optional<at::Tensor>& weight, const at::Tensor& family,
                                              const at::Tensor& row, std::array<bool, 2> output_mask,
@@ -351,21 +350,17 @@ at::Tensor CpuSynthesis::unfilled_weight(at::IntArrayRef sizes, at::TensorOption
   return conv_weight_buffer(sizes, options, memory_format);
 }
 
-// W is written over grad_W where grad_W is laid out as W (the compute dtype, the convolution's
-// memory format): the pass reads a tile's gradient (a plain row's, before its copy of the weight)
-// before it writes the tile's kernel, and W's writes then land on the lines just read instead of
-// a second W-sized buffer's. (The price: W and the parameter gradients are held together during
-// the input gradient's convolution; into the thread's buffer instead, the backward's peak memory
-// measured near nn.Conv2d's, its time up to 15% longer: benchmarks/RESULTS.md.)
+// W goes into this thread's buffer, as in the forward, not over grad_W: grad_W is freed when the
+// pass returns, so W and the parameter gradients are not both held, beyond the thread's buffer,
+// while the input gradient's convolution runs (the backward's peak memory is then nn.Conv2d's).
+// Writing W over grad_W instead (its lines just read) measured within 1% of this in time, same
+// process, interleaved, and held one W-sized block more: benchmarks/RESULTS.md.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
     at::Tensor grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
     const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format, bool want_weight) {
   const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
-  const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
-  const at::Tensor w = grad_W.scalar_type() == compute && grad_W.is_contiguous(memory_format)
-                           ? grad_W
-                           : conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw}, akp.options().dtype(compute),
-                                                memory_format);
+  const at::Tensor w = conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw},
+                                          akp.options().dtype(at::toOpMathType(akp.scalar_type())), memory_format);
   auto [grad_akp, grad_weight] = akp_grads(grad_W, akp, weight, family, row, {true, want_weight}, w);
   return {in_dtype(w, akp.scalar_type()), grad_akp, grad_weight};
 }
