@@ -197,6 +197,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def git_commit(repo: Path) -> str:
+    """HEAD's short hash, "+ uncommitted changes" where tracked files differ from it (numbers from
+    an edited tree are not that commit's), "unknown" without git or a repository."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else commit
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def environment(device: torch.device, argv: list[str], settings: TimerSettings) -> dict[str, str]:
     try:
         import triton
@@ -207,11 +220,7 @@ def environment(device: torch.device, argv: list[str], settings: TimerSettings) 
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{cpu_name()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit(Path(__file__).parent)
     timer = (f"CUDA events, warm-up {settings.cuda_warmup_ms:g} ms, {settings.cuda_rep_ms:g} ms of calls, "
              f"L2 flushed: {settings.flush_l2}, cudnn.benchmark: {torch.backends.cudnn.benchmark}"
              if device.type == "cuda" else

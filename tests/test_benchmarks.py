@@ -7,13 +7,16 @@ untimed smoke mode.
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from acl_fused.backends import native
+from benchmarks.throughput import git_commit
 from benchmarks.timing import peak_memory
 from conftest import skip_or_fail_unavailable
 
@@ -56,6 +59,26 @@ def test_throughput_script_writes_every_report(tmp_path):
     report = (tmp_path / "throughput_cpu.md").read_text()
     assert "## Summary" in report and "## Training step" in report and "## Memory: peak MiB" in report
     assert "- heap: " in report   # the CPU heap setting the timings ran with (timing.keep_freed_memory)
+
+
+def test_git_commit_says_when_the_tree_is_edited(tmp_path, monkeypatch):
+    """The reports' commit line: HEAD's hash alone for a clean tree (untracked files do not count),
+    with "+ uncommitted changes" once a tracked file is edited."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path
+    assert git_commit(tmp_path) == "unknown"
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "kernel.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "kernel.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "kernel.py").write_text("a = 2\n")
+    assert git_commit(tmp_path) == head + " + uncommitted changes"
 
 
 def test_pytest_benchmark_suites_smoke(tmp_path):
