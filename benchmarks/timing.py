@@ -193,21 +193,34 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
+_MEASURED_CALL = "benchmarks.timing.peak_memory"
+
+
 def _cpu_peak_memory(fn: Callable[[], Any]) -> Optional[int]:
     """peak_memory on the CPU: the profiler records every allocation and free made while it runs,
-    each with the total allocated at that moment (counting only what was allocated while it
-    records, so the total before the call is the first event's total less its own size)."""
+    each with the total allocated at that moment. It counts only what was allocated while it
+    records (a block allocated before it started is never seen freed), so ``fn`` runs once inside
+    it before the measured call: what that call keeps and the measured call frees then counts. The
+    total before the measured call is its first event's total less that event's own size."""
     try:
         from torch._C._profiler import _EventType
     except ImportError:  # the profiler's event tree is not public API: absent, report n/a
         return None
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+        with torch.profiler.record_function(_MEASURED_CALL):
+            fn()
     try:
         tree = prof.profiler.kineto_results.experimental_event_tree()
     except AttributeError:
         return None
-    events, stack = [], list(tree)
+    stack = list(tree)
+    while stack and stack[-1].name != _MEASURED_CALL:
+        event = stack.pop()
+        stack.extend(event.children)
+    if not stack:
+        return None
+    events, stack = [], [stack[-1]]
     while stack:
         event = stack.pop()
         stack.extend(event.children)

@@ -39,7 +39,7 @@ inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
 //   weight(akp, weight, family, row, kernel_size, memory_format) -> W
 //   weight_and_grads(grad_W, akp, weight, family, row, kernel_size, memory_format, want_weight)
 //       -> (W, grad_akp, grad_weight: empty [0] when not wanted); grad_W is the caller's to give
-//       away, so that it is freed before W's convolution
+//       away: it is freed, or becomes the memory of W, before W's convolution
 //   unfilled_weight(sizes, options, memory_format) -> a tensor of W's shape whose values are never
 //       read (the weight gradient's convolution needs one for its shape)
 // DispatchedSynthesis (CUDA) calls the ops (the caching allocator reuses W's memory; a format copy

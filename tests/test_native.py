@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -617,13 +618,16 @@ def test_backward_w_from_the_akp_gradient_pass_is_the_forward_w(extension, dtype
     assert rel_err(grad_x[True], grad_x[False]) <= (1e-14 if dtype == torch.float64 else 1e-6)
 
 
+@pytest.mark.parametrize("larger_layer_first", [False, True], ids=["W-over-grad_W", "W-into-buffer"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_cpu_backward_holds_no_w_beside_the_weight_gradient(extension, memory_format):
+def test_cpu_backward_holds_no_w_beside_the_weight_gradient(extension, memory_format, larger_layer_first):
     """The CPU backward's peak memory is aten.convolution_backward's (the same convolution with a
     plain W: grad_input and the weight gradient) plus the parameter gradients, which it holds while
-    grad_input's convolution runs. Not more: W goes into the thread's reused buffer and the weight
-    gradient is freed before that convolution, so no W-sized block is held beside the weight
-    gradient (writing W over it instead held one more: benchmarks/RESULTS.md)."""
+    grad_input's convolution runs. Not more: no W-sized block is held beside the weight gradient
+    then. W is written over the weight gradient, which replaces the thread's W buffer (the old one
+    freed), where the buffer is no larger (a fresh thread's first layer), and goes into the buffer,
+    the weight gradient freed, where it is (after a larger layer). (csrc/cpu/synthesis_cpu.cpp;
+    writing W over the weight gradient and keeping the buffer held one W more.)"""
     # A shape where grad_input's convolution plus one W needs more than the weight gradient's
     # convolution (in both formats), so that a W held beside the weight gradient shows.
     akp, weight, layout = make_inputs(MOSAIC * 6, 64, (3, 3), dtype=torch.float32)
@@ -640,9 +644,20 @@ def test_cpu_backward_holds_no_w_beside_the_weight_gradient(extension, memory_fo
         return lambda: torch.ops.aten.convolution_backward(grad_y, x, w, None, [1, 1], [1, 1], [1, 1], False,
                                                            [0, 0], 1, mask)
 
-    _, grad_akp, grad_weight, _ = acl_backward()  # the thread's buffer exists before the measurement
-    peaks = [peak_memory(f, torch.device("cpu"))
-             for f in (acl_backward, plain_backward([False, True, False]), plain_backward([True, False, False]))]
+    def measure():  # in a thread of its own: the W buffers are per thread, and a new thread has none
+        if larger_layer_first:
+            big = make_inputs(MOSAIC * 12, 64, (3, 3), dtype=torch.float32)
+            ops.acl_conv2d_backward(torch.cat([grad_y, grad_y], 1), x, big[0], big[1], *layout_args(big[2]), [3, 3],
+                                    [1, 1], [1] * 4, [1, 1], 1, mask)
+        results.append(acl_backward())
+        results.append([peak_memory(f, torch.device("cpu")) for f in
+                        (acl_backward, plain_backward([False, True, False]), plain_backward([True, False, False]))])
+
+    results = []
+    thread = threading.Thread(target=measure)
+    thread.start()
+    thread.join()
+    (_, grad_akp, grad_weight, _), peaks = results
     if None in peaks:
         pytest.skip("torch's profiler has no allocation event tree here (benchmarks.timing.peak_memory)")
     param_grads = grad_akp.nbytes + grad_weight.nbytes

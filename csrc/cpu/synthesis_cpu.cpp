@@ -262,11 +262,16 @@ at::Tensor synthesize_cpu(const at::Tensor& akp, const std::optional<at::Tensor>
   });
 }
 
-// This thread's buffer of `dtype`, kept between calls and grown to the largest request; a new
-// buffer replaces it when a view handed out is still alive (anyone may keep a tensor they were given).
-const at::Tensor& reused_buffer(int64_t numel, const at::TensorOptions& options) {
+// This thread's W buffer of `dtype` (1-D), kept between calls: the largest W of that dtype so far.
+at::Tensor& thread_buffer(at::ScalarType dtype) {
   thread_local std::array<at::Tensor, static_cast<size_t>(at::ScalarType::NumOptions)> buffers;
-  at::Tensor& buffer = buffers[static_cast<size_t>(options.dtype().toScalarType())];
+  return buffers[static_cast<size_t>(dtype)];
+}
+
+// The thread's buffer of options' dtype, grown to numel at least; a new buffer replaces it when a
+// view handed out is still alive (anyone may keep a tensor they were given).
+const at::Tensor& reused_buffer(int64_t numel, const at::TensorOptions& options) {
+  at::Tensor& buffer = thread_buffer(options.dtype().toScalarType());
   if (!buffer.defined() || buffer.storage().use_count() > 1 || buffer.numel() < numel) {
     const int64_t capacity = buffer.defined() ? std::max(numel, buffer.numel()) : numel;
     buffer = at::Tensor();  // the old buffer goes first, so that its memory can be the new one's
@@ -350,18 +355,28 @@ at::Tensor CpuSynthesis::unfilled_weight(at::IntArrayRef sizes, at::TensorOption
   return conv_weight_buffer(sizes, options, memory_format);
 }
 
-// W goes into this thread's buffer, as in the forward, not over grad_W: grad_W is freed when the
-// pass returns, so W and the parameter gradients are not both held, beyond the thread's buffer,
-// while the input gradient's convolution runs (the backward's peak memory is then nn.Conv2d's).
-// Writing W over grad_W instead (its lines just read) measured within 1% of this in time, same
-// process, interleaved, and held one W-sized block more: benchmarks/RESULTS.md.
+// W and grad_W are never both held beside the parameter gradients while grad_input's convolution
+// runs (grad_W is freed first, as nn.Conv2d's weight gradient does not exist yet at its input
+// gradient's peak). W goes into this thread's buffer, except where grad_W is at least as large
+// as that buffer (the largest W so far; always so for a network's largest layers): then W is
+// written over grad_W, which the same pass has just read tile by tile, and grad_W becomes the
+// buffer in place of the old one, freed before the pass. Written over grad_W, W's lines are the
+// ones just read: in a ResNet-18 training step (64 px, batch 8), whose 512->512 layers are
+// mostly synthesis, W always into the buffer was 1-5% slower. (benchmarks/RESULTS.md)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
     at::Tensor grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
     const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format, bool want_weight) {
   const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
-  const at::Tensor w = conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw},
-                                          akp.options().dtype(at::toOpMathType(akp.scalar_type())), memory_format);
+  const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
+  at::Tensor& buffer = thread_buffer(compute);
+  const bool over_grad_W = grad_W.scalar_type() == compute && grad_W.is_contiguous(memory_format) &&
+                           (!buffer.defined() || grad_W.numel() >= buffer.numel());
+  if (over_grad_W) buffer = at::Tensor();
+  const at::Tensor w = over_grad_W ? grad_W
+                                   : conv_weight_buffer({s.c_out, s.cg, s.kh, s.kw}, akp.options().dtype(compute),
+                                                        memory_format);
   auto [grad_akp, grad_weight] = akp_grads(grad_W, akp, weight, family, row, {true, want_weight}, w);
+  if (over_grad_W) buffer = w.as_strided({w.numel()}, {1});
   return {in_dtype(w, akp.scalar_type()), grad_akp, grad_weight};
 }
 
