@@ -27,7 +27,7 @@ def test_train_step(benchmark, device: torch.device, impl: str) -> None:
     images, labels = training_batch(device, sweep.train_batch, sweep.train_image_size, fmt)
     with DTYPE_MODES[dtype].flags():
         try:
-            step = train_step(impl, NETWORK, images, labels, dtype, fmt)
+            step, _ = train_step(impl, NETWORK, images, labels, dtype, fmt)
         except BackendUnavailable as e:
             pytest.skip(unavailable_reason(e, impl))
         benchmark.group = f"{device.type} train step {NETWORK} {sweep.train_image_size}px b{sweep.train_batch} {dtype} {fmt}"

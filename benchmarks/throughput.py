@@ -123,8 +123,7 @@ def measure_case(case: LayerCase, passes: list[str], impls: list[Impl], settings
             timings = time_side_by_side(fns, case.device, settings)
             memory = {}
             for impl, fn in fns.items():
-                bench.clear_grads()
-                memory[impl] = peak_memory(fn, case.device)
+                memory[impl] = peak_memory(fn, case.device, reset=bench.clear_grads)
             conv = timings.get(Impl(CONV2D))
             flops = case.shape.forward_flops(case.batch) * PASS_FLOPS[pass_name]
             for impl, t in timings.items():
@@ -314,8 +313,9 @@ def markdown(env: dict[str, str], layers: list[LayerRow], synthesis: list[Synthe
             out += ["", "## Memory: peak MiB allocated during one call beyond what was allocated before it", "",
                     pivot(ok, case_key, case_names, lambda r: f"{r.peak_mib:.2f}")]
             if any(r.impl.startswith("native/") and r.device == "cpu" for r in ok):
-                out += ["", "native on the CPU synthesizes W into a buffer it keeps between calls (one per thread "
-                        "and dtype, the size of the largest W it made: csrc/README.md), so W is not in its peaks."]
+                out += ["", "native on the CPU keeps W in a buffer between calls (one per thread and dtype, the "
+                        "size of the largest W it made), which its peaks do not count; where a backward's weight "
+                        "gradient becomes that buffer, the old one's free counts (csrc/README.md)."]
         else:
             out += ["", "Peak memory: n/a here (neither allocator statistics nor the profiler's allocation record); "
                     "the saved-for-backward bytes above are the memory measure here."]

@@ -173,13 +173,17 @@ def keep_freed_memory() -> str:
     return "glibc keeps freed memory (mallopt: mmap threshold 32 MiB, trim threshold 1 GiB)"
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
+def peak_memory(fn: Callable[[], Any], device: torch.device,
+                reset: Callable[[], Any] = lambda: None) -> Optional[int]:
     """Bytes allocated at the peak of one ``fn()`` call beyond what was allocated before it (CUDA,
-    CPU); None on other devices and where this torch's profiler cannot tell."""
+    CPU); None on other devices and where this torch's profiler cannot tell. ``reset()`` runs right
+    before the call, outside the measurement: what it frees (the previous call's gradients, as a
+    training step's zero_grad) counts neither in what was allocated before nor as freed during it."""
     if device.type == "cpu":
-        return _cpu_peak_memory(fn)
+        return _cpu_peak_memory(fn, reset)
     if device.type != "cuda":
         return None
+    reset()
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -196,7 +200,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 _MEASURED_CALL = "benchmarks.timing.peak_memory"
 
 
-def _cpu_peak_memory(fn: Callable[[], Any]) -> Optional[int]:
+def _cpu_peak_memory(fn: Callable[[], Any], reset: Callable[[], Any]) -> Optional[int]:
     """peak_memory on the CPU: the profiler records every allocation and free made while it runs,
     each with the total allocated at that moment. It counts only what was allocated while it
     records (a block allocated before it started is never seen freed), so ``fn`` runs once inside
@@ -208,6 +212,7 @@ def _cpu_peak_memory(fn: Callable[[], Any]) -> Optional[int]:
         return None
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+        reset()
         with torch.profiler.record_function(_MEASURED_CALL):
             fn()
     try:

@@ -60,23 +60,27 @@ def training_batch(device: torch.device, batch: int, image_size: int,
 
 
 def train_step(impl: str, network: str, images: torch.Tensor, labels: torch.Tensor, dtype: str,
-               memory_format: str) -> Callable[[], None]:
-    """One SGD step (momentum 0.9) of a fresh ``network`` built for ``impl``: zero grads, forward
-    (under autocast for low-precision modes), cross-entropy, backward (outside autocast), optimizer
-    step. Runs it once before returning it, so a backend that cannot run some conv raises
-    BackendUnavailable here. Call inside ``DTYPE_MODES[dtype].flags()``."""
+               memory_format: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, zero_grad): one SGD step (momentum 0.9) of a fresh ``network`` built for ``impl``:
+    zero grads, forward (under autocast for low-precision modes), cross-entropy, backward (outside
+    autocast), optimizer step; and its first part alone. Runs the step once before returning it,
+    so a backend that cannot run some conv raises BackendUnavailable here. Call inside
+    ``DTYPE_MODES[dtype].flags()``."""
     model = build_network(impl, network, images.device, memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     mode = DTYPE_MODES[dtype]
 
-    def step() -> None:
+    def zero_grad() -> None:
         optimizer.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        zero_grad()
         with mode.autocast(images.device):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
     step()
-    return step
+    return step, zero_grad
 
 
 def measure_training(device: torch.device, network: str, image_size: int, batch: int, dtypes: list[str],
@@ -97,6 +101,7 @@ def measure_training(device: torch.device, network: str, image_size: int, batch:
                 continue
             images, labels = training_batch(device, batch, image_size, fmt)
             steps: dict[str, Callable[[], None]] = {}
+            zero_grads: dict[str, Callable[[], None]] = {}
             skipped: dict[str, TrainRow] = {}
             with mode.flags():
                 for impl in [CONV2D, *backends]:
@@ -105,13 +110,13 @@ def measure_training(device: torch.device, network: str, image_size: int, batch:
                         skipped[impl] = row(impl, "not timed", note=reason)
                         continue
                     try:
-                        steps[impl] = train_step(impl, network, images, labels, dtype, fmt)
+                        steps[impl], zero_grads[impl] = train_step(impl, network, images, labels, dtype, fmt)
                     except BackendUnavailable as e:
                         skipped[impl] = row(impl, "not timed", note=unavailable_reason(e, impl))
                     except Exception as e:  # reported in the table, not hidden
                         skipped[impl] = row(impl, "error", note=first_line(e))
                 timings = time_side_by_side(steps, device, settings)
-                memory = {impl: peak_memory(step, device) for impl, step in steps.items()}
+                memory = {impl: peak_memory(step, device, reset=zero_grads[impl]) for impl, step in steps.items()}
             base = timings.get(CONV2D)
             for impl in [CONV2D, *backends]:
                 if impl in skipped:

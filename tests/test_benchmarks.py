@@ -118,3 +118,18 @@ def test_cpu_peak_memory_counts_frees_of_memory_held_before_the_call():
     peak = peak_memory(replace_held, torch.device("cpu"))
     assert peak is not None, "this torch's profiler keeps no allocation record"
     assert mib <= peak < mib + 64 * 1024, peak / mib
+
+
+def test_cpu_peak_memory_runs_reset_outside_the_measured_call():
+    """A step that drops the previous step's 2 MiB "gradient" and makes a new one peaks at 2 MiB
+    beyond the state reset() leaves (the previous gradient dropped, as by zero_grad), not at 0."""
+    mib = 2**20
+    held: list[torch.Tensor] = []
+
+    def step() -> None:
+        held.clear()
+        held.append(torch.empty(mib // 2))
+
+    peak = peak_memory(step, torch.device("cpu"), reset=held.clear)
+    assert peak is not None, "this torch's profiler keeps no allocation record"
+    assert 2 * mib <= peak < 2 * mib + 64 * 1024, peak / mib
