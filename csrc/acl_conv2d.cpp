@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     // Weight gradient first, then W and the AKP gradient from one pass (their exp / cos once),
     // then grad_input: one synthesis pass less than W, convolution, AKP gradient.
     std::tie(std::ignore, gw, gb) = convolution_backward(shape_only(), {false, true, want_bias});
-    // gw is given away: freed before grad_input's convolution, as nn.Conv2d's never coexists with W.
+    // gw is given away: by grad_input's convolution it is W's memory or freed (CpuSynthesis).
     at::Tensor w;
     std::tie(w, grad_akp, grad_weight) =
         Synthesis::weight_and_grads(in_dtype(std::exchange(gw, at::Tensor()), akp.scalar_type()), akp, weight,

@@ -355,14 +355,14 @@ at::Tensor CpuSynthesis::unfilled_weight(at::IntArrayRef sizes, at::TensorOption
   return conv_weight_buffer(sizes, options, memory_format);
 }
 
-// W and grad_W are never both held beside the parameter gradients while grad_input's convolution
-// runs (grad_W is freed first, as nn.Conv2d's weight gradient does not exist yet at its input
-// gradient's peak). W goes into this thread's buffer, except where grad_W is at least as large
-// as that buffer (the largest W so far; always so for a network's largest layers): then W is
-// written over grad_W, which the same pass has just read tile by tile, and grad_W becomes the
-// buffer in place of the old one, freed before the pass. Written over grad_W, W's lines are the
-// ones just read: in a ResNet-18 training step (64 px, batch 8), whose 512->512 layers are
-// mostly synthesis, W always into the buffer was 1-5% slower. (benchmarks/RESULTS.md)
+// While grad_input's convolution runs, W and grad_W are not both held beside the parameter
+// gradients (nn.Conv2d's weight gradient does not exist yet at its input gradient's peak). W goes
+// into this thread's buffer, grad_W freed when the pass returns, except where grad_W is at least
+// as large as that buffer (the largest W so far; always so for a network's largest layers): then
+// W is written over grad_W, on the lines the same pass has just read, and grad_W becomes the
+// buffer in place of the old one, freed before the pass. In a ResNet-18 training step (64 px,
+// batch 8), whose 512->512 layers are mostly synthesis, W always into the buffer was 1-5% slower
+// (benchmarks/RESULTS.md).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
     at::Tensor grad_W, const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
     const at::Tensor& row, at::IntArrayRef kernel_size, at::MemoryFormat memory_format, bool want_weight) {
