@@ -26,7 +26,7 @@ import ctypes
 import ctypes.util
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch.utils import benchmark
@@ -200,6 +200,15 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 _MEASURED_CALL = "benchmarks.timing.peak_memory"
 
 
+def _walk(events: list) -> Iterator:
+    """The profiler's events and all their descendants."""
+    stack = list(events)
+    while stack:
+        event = stack.pop()
+        yield event
+        stack.extend(event.children)
+
+
 def _cpu_peak_memory(fn: Callable[[], Any], reset: Callable[[], Any]) -> Optional[int]:
     """peak_memory on the CPU: the profiler records every allocation and free made while it runs,
     each with the total allocated at that moment. It counts only what was allocated while it
@@ -219,18 +228,11 @@ def _cpu_peak_memory(fn: Callable[[], Any], reset: Callable[[], Any]) -> Optiona
         tree = prof.profiler.kineto_results.experimental_event_tree()
     except AttributeError:
         return None
-    stack = list(tree)
-    while stack and stack[-1].name != _MEASURED_CALL:
-        event = stack.pop()
-        stack.extend(event.children)
-    if not stack:
+    measured = next((e for e in _walk(tree) if e.name == _MEASURED_CALL), None)
+    if measured is None:
         return None
-    events, stack = [], [stack[-1]]
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append(event)
+    events = [e for e in _walk([measured])
+              if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"]
     if not events:
         return 0
     events.sort(key=lambda e: e.start_time_ns)

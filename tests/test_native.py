@@ -12,6 +12,7 @@ missing, built without CUDA, dtype); torch.compile; and, on a GPU, CUDA against 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import math
 import importlib
@@ -21,7 +22,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -640,24 +640,21 @@ def test_cpu_backward_holds_no_w_beside_the_weight_gradient(extension, memory_fo
     def acl_backward():
         return ops.acl_conv2d_backward(grad_y, x, akp, weight, family, row, [3, 3], [1, 1], [1] * 4, [1, 1], 1, mask)
 
-    def plain_backward(mask):
+    def plain_backward(output_mask):
         return lambda: torch.ops.aten.convolution_backward(grad_y, x, w, None, [1, 1], [1, 1], [1, 1], False,
-                                                           [0, 0], 1, mask)
+                                                           [0, 0], 1, output_mask)
 
-    def measure():  # in a thread of its own: the W buffers are per thread, and a new thread has none
+    def measure():
         if larger_layer_first:
             big = make_inputs(MOSAIC * 12, 64, (3, 3), dtype=torch.float32)
             ops.acl_conv2d_backward(torch.cat([grad_y, grad_y], 1), x, big[0], big[1], *layout_args(big[2]), [3, 3],
                                     [1, 1], [1] * 4, [1, 1], 1, mask)
-        results.append(acl_backward())
-        results.append([peak_memory(f, torch.device("cpu")) for f in
-                        (acl_backward, plain_backward([False, True, False]), plain_backward([True, False, False]))])
+        return acl_backward(), [peak_memory(f, torch.device("cpu")) for f in
+                                (acl_backward, plain_backward([False, True, False]), plain_backward([True, False, False]))]
 
-    results = []
-    thread = threading.Thread(target=measure)
-    thread.start()
-    thread.join()
-    (_, grad_akp, grad_weight, _), peaks = results
+    # In a thread of its own: the W buffers are per thread, and a new thread has none.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        (_, grad_akp, grad_weight, _), peaks = pool.submit(measure).result()
     if None in peaks:
         pytest.skip("torch's profiler has no allocation event tree here (benchmarks.timing.peak_memory)")
     param_grads = grad_akp.nbytes + grad_weight.nbytes
