@@ -62,10 +62,13 @@ C10_HOST_DEVICE inline void sincos(double v, double& s, double& c) {
 }
 C10_HOST_DEVICE inline float sqrt(float v) { return ::sqrtf(v); }
 C10_HOST_DEVICE inline double sqrt(double v) { return ::sqrt(v); }
-// v where u > 0, else 0 (also when u is NaN); v is selected, never multiplied by a mask, so an
-// unselected inf or NaN cannot leak into the result.
+// v where u > 0, else 0 (also when u is NaN: the mask of torch.relu's derivative); v is selected,
+// never multiplied by a mask, so an unselected inf or NaN cannot leak into the result.
 C10_HOST_DEVICE inline float if_positive(float u, float v) { return u > 0.f ? v : 0.f; }
 C10_HOST_DEVICE inline double if_positive(double u, double v) { return u > 0.0 ? v : 0.0; }
+// max(0, u) as torch.relu (the reference) has it: NaN stays NaN.
+C10_HOST_DEVICE inline float relu(float u) { return u <= 0.f ? 0.f : u; }
+C10_HOST_DEVICE inline double relu(double u) { return u <= 0.0 ? 0.0 : u; }
 
 // SIMD vectors (host only): any type with at::vec::Vectorized's interface. Overload resolution
 // prefers the exact float / double functions above for scalars.
@@ -80,10 +83,8 @@ template <typename V>
 inline V sqrt(const V& v) { return v.sqrt(); }
 template <typename V>
 inline V if_positive(const V& u, const V& v) { return V::blendv(V(0), v, u > V(0)); }
-
-// max(0, u) for every compute type.
-template <typename T>
-C10_HOST_DEVICE T relu(T u) { return if_positive(u, u); }
+template <typename V>
+inline V relu(const V& u) { return V::blendv(u, V(0), u <= V(0)); }
 
 // Whether a comparison holds: for a scalar, its bool; for a SIMD mask (all bits set where it holds,
 // +0 where not), in every lane.

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from acl_fused import AnalyticConv2d, BackendUnavailable, Family, acl_conv2d, dispatch, reference, synthesize
 from acl_fused.conv_args import ConvArgs
+from acl_fused.families import AKP_COUNT
 from acl_fused.layout import make_layout
 from acl_fused.validation import make_problem
 from acl_cases import DEVICE, TOL, Case
@@ -102,6 +103,33 @@ def test_synthesize_matches_reference(name, dtype, kernel_size):
     for r, o in enumerate(layout.analytic_channels):
         used[: {1: 6, 2: 2, 3: 2, 4: 3, 5: 3, 6: 1}[layout.codes[o]], r] = True
     assert torch.all(grads[0].permute(2, 0, 1)[~used.to(grads[0].device)] == 0)
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_nan_in_any_used_akp_slot_gives_nan_where_the_reference_has(name, dtype, kernel_size):
+    """A NaN in any AKP slot a family uses makes its slice of W NaN as in the reference (LOT's
+    max(0, .) included: torch.relu keeps NaN), and so the output channels convolving with it; the
+    other slices and channels keep their values. Row r's slot k is NaN at input channel 1 + k."""
+    case = Case("nan", MOSAIC, 7, kernel_size, hw=(4, 5), conv=dict(padding=kernel_size[0] // 2))
+    (x, akp, weight, bias), layout = case.tensors(dtype)
+    require(name, case.problem(x, akp, layout))
+    for r, o in enumerate(layout.analytic_channels):
+        for k in range(AKP_COUNT[Family(layout.codes[o])]):
+            akp[r, 1 + k, k] = float("nan")
+    w = synthesize(akp, weight, layout, kernel_size, backend=name)
+    w_ref = reference.synthesize(akp.double(), weight.double(), layout, kernel_size)
+    nan_slices = torch.isnan(w_ref).flatten(2).any(2)
+    assert nan_slices.sum() == sum(AKP_COUNT[Family(layout.codes[o])] for o in layout.analytic_channels)
+    assert torch.equal(torch.isnan(w), torch.isnan(w_ref))
+    assert rel_err(w.nan_to_num(), w_ref.nan_to_num()) <= TOL[dtype]
+    y = acl_conv2d(x, akp, weight, layout, bias, kernel_size=kernel_size, backend=name, **case.conv)
+    y_ref = reference.acl_conv2d(x.double(), akp.double(), weight.double(), layout, bias.double(),
+                                 kernel_size=kernel_size, **case.conv)
+    assert torch.equal(torch.isnan(y).flatten(2).all(2), nan_slices.any(1).expand(len(x), -1))
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    assert rel_err(y.nan_to_num(), y_ref.nan_to_num()) <= TOL[dtype]
 
 
 GRADCHECK_CASES = [

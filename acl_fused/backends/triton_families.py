@@ -113,9 +113,15 @@ def _terms(code, p1, p2, p3, p4, p5, x, y):
 
 
 @triton.jit
+def _relu(u):
+    """max(0, u) as torch.relu (the reference) has it: NaN stays NaN (tl.maximum may drop it)."""
+    return tl.where(u <= 0, 0.0, u)
+
+
+@triton.jit
 def _shape(code, env1, env2, cos_phase, t_log, u_in, u_out, inv_area):
     """K / a for every analytic family (0 for PLAIN)."""
-    lot = tl.maximum(u_in, 0) - 0.25 * tl.maximum(u_out, 0)
+    lot = _relu(u_in) - 0.25 * _relu(u_out)
     return tl.where(code == GABOR, env1 * cos_phase,
                     tl.where(code == LOG, (1 - t_log) * env1,
                              tl.where(code == LOT, lot,
