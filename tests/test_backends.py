@@ -199,6 +199,23 @@ def test_input_memory_layouts(name, layout_of_input):
             expected.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_input_gradient_of_asymmetric_padding_is_laid_out_as_f_conv2d_gives_it(name, memory_format):
+    """padding='same' with an even kernel pads the bottom / right pixel explicitly; the input's
+    gradient is then, as F.conv2d's, a tensor of the input's size and layout, not a view into the
+    padded input's gradient (which would keep that alive)."""
+    case = Case("same-even", MOSAIC, 3, (2, 4), hw=(5, 6), conv=dict(padding="same"))
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
+    x = x.contiguous(memory_format=memory_format)
+    _, (grad_x, *_) = case.run(name, x, akp, weight, bias, layout)
+    expected = torch.autograd.grad(F.conv2d(x.requires_grad_(), torch.randn(len(MOSAIC), 3, 2, 4, dtype=x.dtype,
+                                                                        device=x.device), padding="same").sum(), x)[0]
+    assert grad_x.stride() == expected.stride() == x.stride()
+    assert grad_x.untyped_storage().nbytes() == x.untyped_storage().nbytes()
+
+
 @pytest.mark.parametrize("wanted", ["x", "akp", "weight", "bias"])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_needs_input_grad_subsets(name, wanted):

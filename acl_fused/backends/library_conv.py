@@ -52,6 +52,6 @@ def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: 
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad_y, x_p, w.to(x.dtype), [grad_y.shape[1]] if output_mask[2] else None,
         list(conv.stride), [top, left], list(conv.dilation), False, [0, 0], conv.groups, list(output_mask))
-    if gx is not None and x_p is not x:
-        gx = gx[..., :h, :w_in]
+    if gx is not None and x_p is not x:  # a tensor of its own, as F.conv2d's, not a view of the padded one
+        gx = torch.empty_like(x).copy_(gx[..., :h, :w_in])
     return gx, gw, gb

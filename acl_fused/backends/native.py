@@ -110,13 +110,13 @@ def _require_extension() -> None:
 
 
 # -- fake kernels: shapes, dtypes and strides exactly as the C++ kernels give them ----------------
-def _pad_input(x: torch.Tensor, padding: list[int]) -> tuple[torch.Tensor, list[int], tuple[int, int]]:
-    """csrc/acl_conv2d.cpp pad_input: (padded input, symmetric padding, offset of the input in it)."""
+def _pad_input(x: torch.Tensor, padding: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """csrc/acl_conv2d.cpp pad_input: (padded input, symmetric padding)."""
     top, bottom, left, right = padding
     pad_h, pad_w = min(top, bottom), min(left, right)
     if (top, left) != (bottom, right):
         x = torch.ops.aten.constant_pad_nd(x, [left - pad_w, right - pad_w, top - pad_h, bottom - pad_h], 0)
-    return x, [pad_h, pad_w], (top - pad_h, left - pad_w)
+    return x, [pad_h, pad_w]
 
 
 def _fake_synthesize(akp, weight, family, row, kernel_size):
@@ -132,7 +132,7 @@ def _fake_synthesize_backward(grad_W, akp, family, row, output_mask):
 
 def _fake_acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups):
     w = input.new_empty((family.shape[0], akp.shape[1], *kernel_size))
-    x, symmetric, _ = _pad_input(input, padding)
+    x, symmetric = _pad_input(input, padding)
     return torch.ops.aten.convolution(x, w, bias, stride, symmetric, dilation, False, [0, 0], groups)
 
 
@@ -142,12 +142,12 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
     grad_input, grad_bias = input.new_empty((0,)), input.new_empty((0,))
     if want_input or want_bias:
         w = input.new_empty((family.shape[0], akp.shape[1], *kernel_size))
-        x, symmetric, (top, left) = _pad_input(input, padding)
+        x, symmetric = _pad_input(input, padding)
         gx, _, gb = torch.ops.aten.convolution_backward(
             grad_output.to(input.dtype), x, w, [family.shape[0]] if want_bias else None, stride, symmetric,
             dilation, False, [0, 0], groups, [want_input, False, want_bias])
         if want_input:
-            grad_input = gx if x is input else gx[..., top:top + input.shape[2], left:left + input.shape[3]]
+            grad_input = gx if x is input else torch.empty_like(input)
         if want_bias:
             grad_bias = gb
     grad_akp, grad_weight = _fake_synthesize_backward(
