@@ -4,9 +4,12 @@ Each case runs the backend and the pure-PyTorch oracle (acl_fused.reference, in 
 same data and compares outputs and every gradient with the tolerances of SPEC §6:
 float64 to round-off (and torch.autograd.gradcheck), float32 within 1e-5 relative norm error,
 low precision / autocast within 1e-2. Shapes are small (Triton runs interpreted on CPU) but cross
-tile boundaries: C_out 20 > 16, K = Cg*kH*kW up to 72, M = N*H_out*W_out up to 330.
+tile boundaries: C_out 20 > 16, K = Cg*kH*kW up to 72, M = N*H_out*W_out up to 330. The last test
+draws combinations of these features at random, from fixed seeds.
 """
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -333,3 +336,51 @@ def test_auto_runs_and_unknown_backend_lists_every_reason():
     with pytest.raises(BackendUnavailable, match="unknown backend 'nope'") as info:
         acl_conv2d(x, akp, weight, layout, bias, backend="nope")
     assert all(name in str(info.value) for name in dispatch.BACKENDS)
+
+
+# -- random combinations ---------------------------------------------------------------------
+#: Cases per backend: interpreted Triton on CPU is slow, and its shapes are kept small.
+RANDOM_SEEDS = {"native": 40, "triton": 8, "triton_fused": 8, "reference": 4}
+
+
+def random_call(seed: int, small: bool) -> tuple[Case, torch.dtype, str, str]:
+    """(case, dtype, input layout, plain weight layout) drawn from ``seed``: kernel sizes (square,
+    non-square, even), groups, stride, dilation, every padding form, channel counts off the CPU
+    tiles' 8 lanes, and a random mosaic, which the cases above cover one at a time."""
+    rng = random.Random(seed)
+    kh, kw = rng.choice([(1, 1), (3, 3), (3, 3), (2, 2), (4, 3), (1, 5), (5, 5), (7, 7), (3, 2)])
+    groups = rng.choice([1, 1, 2, 3])
+    cg = rng.choice([1, 3, 5] if small else [1, 3, 7, 8, 9, 17])
+    layout = [rng.choice(list(Family)) for _ in range(groups * rng.choice([1, 2, 5]))]
+    stride, dilation = (rng.choice([1, 2]), rng.choice([1, 2, 3])), (rng.choice([1, 2]), rng.choice([1, 1, 2]))
+    padding = rng.choice(["same", "valid", rng.randint(0, 3), (rng.randint(0, 2), rng.randint(0, 3))])
+    if padding == "same":
+        stride = (1, 1)
+    pad = (0, 0) if isinstance(padding, str) else (padding, padding) if isinstance(padding, int) else padding
+    hw = tuple(max(1, d * (k - 1) + 1 - 2 * p) + rng.randint(0, 3 if small else 6)
+               for k, d, p in zip((kh, kw), dilation, pad))
+    case = Case(f"random{seed}", layout, groups * cg, (kh, kw), hw=hw, batch=rng.randint(1, 3),
+                conv=dict(stride=stride, padding=padding, dilation=dilation, groups=groups), bias=rng.random() < 0.5)
+    return (case, rng.choice([torch.float64, torch.float32]), rng.choice(["nchw", "channels_last", "strided"]),
+            rng.choice(["nchw", "channels_last"]))
+
+
+@pytest.mark.parametrize("name,seed", [(n, s) for n, count in RANDOM_SEEDS.items() for s in range(count)],
+                         ids=lambda v: str(v))
+def test_random_call_matches_reference(name, seed):
+    case, dtype, input_layout, weight_layout = random_call(seed, small=name.startswith("triton"))
+    (x, akp, weight, bias), layout = case.tensors(dtype, seed=seed)
+    require(name, case.problem(x, akp, layout))
+    if input_layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif input_layout == "strided":
+        x = torch.stack([x, -x], dim=-1)[..., 0]  # same values, a strided view
+    if weight is not None and weight_layout == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    y, grads = case.run(name, x, akp, weight, bias, layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) <= TOL[dtype], f"{case}: output"
+    for what, g, g_ref in zip(("x", "akp", "weight", "bias"), grads, grads_ref):
+        if g_ref is not None:
+            assert g.shape == g_ref.shape and rel_err(g, g_ref) <= TOL[dtype], f"{case}: grad {what}"
