@@ -30,7 +30,8 @@ def acl_conv2d(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[to
                bias: Optional[torch.Tensor] = None, stride: IntOrPair = 1, padding: PaddingArg = 0,
                dilation: IntOrPair = 1, groups: int = 1, kernel_size: Optional[IntOrPair] = None,
                backend: str = "auto") -> torch.Tensor:
-    """ACL convolution: x [N, C_in, H, W] -> [N, C_out, H_out, W_out], exactly
+    """ACL convolution: x [N, C_in, H, W] -> [N, C_out, H_out, W_out] (or unbatched [C_in, H, W] ->
+    [C_out, H_out, W_out]), exactly
     ``F.conv2d(x, synthesize(akp, weight, family), bias, stride, padding, dilation, groups)``."""
     return conv2d(x, akp, weight, as_layout(family), bias, ConvArgs.make(stride, padding, dilation, groups),
                   kernel_size, backend)
@@ -40,7 +41,10 @@ def conv2d(x: torch.Tensor, akp: Optional[torch.Tensor], weight: Optional[torch.
            bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: Optional[IntOrPair] = None,
            backend: str = "auto") -> torch.Tensor:
     """:func:`acl_conv2d` with the layout and convolution arguments already normalised (modules
-    keep theirs, so a forward pass does not rebuild them)."""
+    keep theirs, so a forward pass does not rebuild them). An unbatched x [C_in, H, W] gives
+    [C_out, H_out, W_out], as in nn.Conv2d."""
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        return conv2d(x.unsqueeze(0), akp, weight, layout, bias, conv, kernel_size, backend).squeeze(0)
     akp, weight, ks, name = checked_conv2d_call(x, akp, weight, layout, bias, conv, kernel_size, backend)
     return dispatch.backend_module(name).conv2d(x, akp, weight, layout, bias, conv, ks)
 

@@ -68,6 +68,11 @@ class Layout:
         ``rows_<code>`` int64 analytic rows of each present family;
         ``gather_order`` [C_out] int64: position of output channel o in the concatenation
         ``[plain rows, family 1 rows, ..., family 6 rows]`` (used by the reference path).
+
+        Only eager tensors are cached: made while torch.compile or torch.export traces, they are
+        the trace's own (torch.export's are fake, which later eager calls would then read). A
+        module fills its device's entry before any trace (AnalyticConv2d._warm_layout): Inductor
+        crashed (glibc heap corruption, torch 2.13 CPU) on these tensors made inside the graph.
         """
         device = torch.device(device)
         cached = self._device_cache.get(device)
@@ -92,7 +97,8 @@ class Layout:
             }
             for f, rows in self.family_rows.items():
                 cached[f"rows_{int(f)}"] = t(rows)
-            self._device_cache[device] = cached
+            if not torch.compiler.is_compiling() and all(type(v) is torch.Tensor for v in cached.values()):
+                self._device_cache[device] = cached
         return cached
 
     def __eq__(self, other: object) -> bool:

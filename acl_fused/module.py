@@ -25,7 +25,7 @@ class AnalyticConv2d(nn.Module):
 
     ``layout``: None (half the channels analytic, spread over the six analytic families, blocked
     in code order, then the plain channels), {family: count}, or a sequence of C_out families.
-    Input [N, C_in, H, W] -> output [N, C_out, H_out, W_out].
+    Input [N, C_in, H, W] -> output [N, C_out, H_out, W_out] (unbatched [C_in, H, W] -> [C_out, H_out, W_out]).
     """
 
     #: (signature, bound backend call) of the last forward call (see forward); a class default, so
@@ -55,10 +55,22 @@ class AnalyticConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.register_buffer("family", torch.tensor(self._layout.codes, dtype=torch.int64, device=device))
         self.reset_parameters()
+        self._warm_layout()
 
     @property
     def layout(self) -> Layout:
         return self._layout
+
+    def _warm_layout(self) -> None:
+        """Makes the layout's index tensors for the parameters' device now, before any torch.compile
+        or torch.export trace could (Layout.tensors)."""
+        if self.akp.device.type != "meta" and not torch.compiler.is_compiling():
+            self._layout.tensors(self.akp.device)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .to_empty(): the parameters' new device
+        module = super()._apply(fn, recurse)
+        self._warm_layout()
+        return module
 
     # stride / padding / dilation read and write through the normalised ConvArgs the forward pass
     # uses, so assigning one (as people do with nn.Conv2d) takes effect and is validated.
@@ -104,8 +116,10 @@ class AnalyticConv2d(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
-        if self.akp.shape[0]:
-            with torch.no_grad():
+        with torch.no_grad():
+            # A deferred init (meta, then to_empty) leaves the buffer uninitialised; state_dict saves it.
+            self.family.copy_(torch.tensor(self._layout.codes, dtype=torch.int64, device="cpu"))
+            if self.akp.shape[0] and self.akp.device.type != "meta":  # nothing to fill on meta, as nn.init
                 self.akp.copy_(init_akp(self._layout, self.akp.shape[1], self.kernel_size, fan_in,
                                         self.akp.dtype, self.akp.device))
 
@@ -115,7 +129,8 @@ class AnalyticConv2d(nn.Module):
         return functional.synthesize(self.akp, self.weight, self._layout, self.kernel_size, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # traced once: no state kept between calls
+        # Traced once (no state kept between calls), or unbatched [C_in, H, W] (as nn.Conv2d takes it).
+        if torch.compiler.is_compiling() or (isinstance(x, torch.Tensor) and x.dim() == 3):
             return functional.conv2d(x, self.akp, self.weight, self._layout, self.bias, self._conv,
                                      self.kernel_size, backend=self.backend)
         akp, weight, bias = self.akp, self.weight, self.bias
@@ -125,7 +140,7 @@ class AnalyticConv2d(nn.Module):
             akp_, weight_, ks, name = functional.checked_conv2d_call(x, akp, weight, self._layout, bias, self._conv,
                                                                      self.kernel_size, self.backend)
             plan = (signature, functional.bound_conv2d(name, self._layout, self._conv, ks, akp_.device,
-                                                       autocast=autocast_dtype(x.device) is not None))
+                                                       autocast=autocast_dtype(x) is not None))
             if akp_ is akp and weight_ is weight:
                 self._call_plan = plan
             else:  # the checks stood in for a missing or empty parameter: run with theirs, keep nothing
@@ -146,7 +161,7 @@ class AnalyticConv2d(nn.Module):
         the outcome reused, 7 us with the call bound). None for a non-tensor input."""
         if not isinstance(x, torch.Tensor):
             return None
-        return (x.dtype, x.device, x.shape, autocast_dtype(x.device), _tensor_signature(akp), _tensor_signature(weight),
+        return (x.dtype, x.device, x.shape, autocast_dtype(x), _tensor_signature(akp), _tensor_signature(weight),
                 _tensor_signature(bias), self._layout, self._conv, self.kernel_size, self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -171,6 +186,7 @@ class AnalyticConv2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._layout = layout
+        self._warm_layout()
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
@@ -266,34 +282,35 @@ def init_akp(layout: Layout, cg: int, kernel_size: tuple[int, int], fan_in: int,
              dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
     """Initial raw AKPs [A, cg, 6] (see AnalyticConv2d.reset_parameters). Uses torch's RNG."""
     dtype = dtype or torch.get_default_dtype()
-    k = max(kernel_size)
-    akp = torch.zeros(layout.num_analytic, cg, AKP_SLOTS, dtype=torch.float64)
-    for family, rows in layout.family_rows.items():
-        n = len(rows) * cg
-        spread = (torch.arange(n, dtype=torch.float64) + torch.rand(()).double()) / n  # [0, 1) evenly
-        jitter = torch.empty(n, dtype=torch.float64).uniform_(0.8, 1.25)
-        p = torch.zeros(n, AKP_SLOTS, dtype=torch.float64)
-        if family in (Family.GABOR, Family.TGD1, Family.TGD2):
-            p[:, 1] = math.pi * spread[torch.randperm(n)]
-        if family == Family.GABOR:
-            p[:, 2] = pos_inverse(_SIGMA_FRAC[family] * k * jitter)
-            p[:, 3] = pos_inverse(torch.full((n,), _GABOR_GAMMA, dtype=torch.float64))
-            p[:, 4] = pos_inverse(max(2.0, k / 2) * jitter)   # wavelength >= 2 px (Nyquist)
-            p[:, 5] = torch.empty(n, dtype=torch.float64).uniform_(-math.pi, math.pi)
-        elif family in (Family.LOG, Family.TGD1, Family.TGD2):
-            p[:, 1 if family == Family.LOG else 2] = pos_inverse(_SIGMA_FRAC[family] * k * jitter)
-        elif family == Family.LOT:
-            p[:, 1] = pos_inverse(_RHO_FRAC * k * jitter)
-        akp[list(rows)] = p.view(len(rows), cg, AKP_SLOTS)
-    # Amplitudes: match nn.Conv2d's default init variance 1 / (3 fan_in) over each family's slices.
-    # Normalising per family, not per slice, keeps a slice that happens to be nearly zero on the
-    # grid (a TGD1 lobe pair across a 1-pixel-wide kernel) from getting a huge amplitude that a
-    # later change of theta or sigma would turn into a huge kernel.
-    akp[..., 0] = 1.0
-    unit = synthesize_layout(akp, None, Layout([c for c in layout.codes if c]), kernel_size)
-    mean_square = unit.pow(2).mean(dim=(2, 3))
-    z = torch.randn(akp.shape[:2], dtype=torch.float64)
-    for rows in layout.family_rows.values():
-        rms = mean_square[list(rows)].mean().sqrt().item()
-        akp[list(rows), :, 0] = z[list(rows)] / math.sqrt(3 * fan_in) / (rms if rms > 0 else 1.0)
+    with torch.device("cpu"):  # host arithmetic, even inside a `with torch.device("meta")` block
+        k = max(kernel_size)
+        akp = torch.zeros(layout.num_analytic, cg, AKP_SLOTS, dtype=torch.float64)
+        for family, rows in layout.family_rows.items():
+            n = len(rows) * cg
+            spread = (torch.arange(n, dtype=torch.float64) + torch.rand(()).double()) / n  # [0, 1) evenly
+            jitter = torch.empty(n, dtype=torch.float64).uniform_(0.8, 1.25)
+            p = torch.zeros(n, AKP_SLOTS, dtype=torch.float64)
+            if family in (Family.GABOR, Family.TGD1, Family.TGD2):
+                p[:, 1] = math.pi * spread[torch.randperm(n)]
+            if family == Family.GABOR:
+                p[:, 2] = pos_inverse(_SIGMA_FRAC[family] * k * jitter)
+                p[:, 3] = pos_inverse(torch.full((n,), _GABOR_GAMMA, dtype=torch.float64))
+                p[:, 4] = pos_inverse(max(2.0, k / 2) * jitter)   # wavelength >= 2 px (Nyquist)
+                p[:, 5] = torch.empty(n, dtype=torch.float64).uniform_(-math.pi, math.pi)
+            elif family in (Family.LOG, Family.TGD1, Family.TGD2):
+                p[:, 1 if family == Family.LOG else 2] = pos_inverse(_SIGMA_FRAC[family] * k * jitter)
+            elif family == Family.LOT:
+                p[:, 1] = pos_inverse(_RHO_FRAC * k * jitter)
+            akp[list(rows)] = p.view(len(rows), cg, AKP_SLOTS)
+        # Amplitudes: match nn.Conv2d's default init variance 1 / (3 fan_in) over each family's slices.
+        # Normalising per family, not per slice, keeps a slice that happens to be nearly zero on the
+        # grid (a TGD1 lobe pair across a 1-pixel-wide kernel) from getting a huge amplitude that a
+        # later change of theta or sigma would turn into a huge kernel.
+        akp[..., 0] = 1.0
+        unit = synthesize_layout(akp, None, Layout([c for c in layout.codes if c]), kernel_size)
+        mean_square = unit.pow(2).mean(dim=(2, 3))
+        z = torch.randn(akp.shape[:2], dtype=torch.float64)
+        for rows in layout.family_rows.values():
+            rms = mean_square[list(rows)].mean().sqrt().item()
+            akp[list(rows), :, 0] = z[list(rows)] / math.sqrt(3 * fan_in) / (rms if rms > 0 else 1.0)
     return akp.to(dtype=dtype, device=device)

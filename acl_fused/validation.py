@@ -40,11 +40,12 @@ def autocast_enabled(device: torch.device) -> bool:
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The dtype autocast runs ``device``'s convolutions in, or None when it is off there."""
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs a convolution of input ``x`` in, or None: autocast is off on x's
+    device, or x is float64, which autocast leaves alone (nn.Conv2d then runs in float64)."""
     if not torch._C._is_any_autocast_enabled():  # one call instead of three when autocast is off
         return None
-    return torch.get_autocast_dtype(device.type) if autocast_enabled(device) else None
+    return torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device) and x.dtype != torch.float64 else None
 
 
 def _check_float(t: torch.Tensor, name: str) -> None:
@@ -108,13 +109,13 @@ def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch
                       bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size, cg: int) -> torch.dtype | None:
     """Validate the convolution's input and bias. Returns the autocast dtype in force, if any."""
     _check_float(x, "input")
-    if x.dim() != 4:
-        raise ValueError(f"input must have shape [N, C_in, H, W], got {tuple(x.shape)}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"input must have shape [N, C_in, H, W] or [C_in, H, W], got {tuple(x.shape)}")
     c_out = layout.out_channels
     if c_out % conv.groups != 0:
         raise ValueError(f"out_channels ({c_out}) must be divisible by groups ({conv.groups})")
-    if x.shape[1] != cg * conv.groups:
-        raise ValueError(f"input has {x.shape[1]} channels but the layer expects C_in = C_in/groups * groups "
+    if x.shape[-3] != cg * conv.groups:
+        raise ValueError(f"input has {x.shape[-3]} channels but the layer expects C_in = C_in/groups * groups "
                          f"= {cg} * {conv.groups} = {cg * conv.groups}")
     if x.device != akp.device:
         raise ValueError(f"input and parameters must be on the same device, got {x.device} and {akp.device}")
@@ -126,13 +127,13 @@ def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch
             raise ValueError(f"bias must be on the parameters' device {akp.device}, got {bias.device}")
         if bias.dtype != akp.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from the parameters' dtype {akp.dtype}")
-    amp_dtype = autocast_dtype(x.device)
+    amp_dtype = autocast_dtype(x)
     if amp_dtype is None and x.dtype != akp.dtype:
         raise TypeError(f"input dtype {x.dtype} differs from the parameters' dtype {akp.dtype} "
                         "(use the same dtype, or autocast)")
     top, bottom, left, right = conv.explicit_padding(kernel_size)
-    for n, p, k, d, axis in ((x.shape[2], top + bottom, kernel_size[0], conv.dilation[0], "height"),
-                             (x.shape[3], left + right, kernel_size[1], conv.dilation[1], "width")):
+    for n, p, k, d, axis in ((x.shape[-2], top + bottom, kernel_size[0], conv.dilation[0], "height"),
+                             (x.shape[-1], left + right, kernel_size[1], conv.dilation[1], "width")):
         if n + p < d * (k - 1) + 1:
             raise ValueError(f"input {axis} {n} (+{p} padding) is smaller than the dilated kernel "
                              f"({d * (k - 1) + 1})")

@@ -37,6 +37,18 @@ bool records_graph(const Tensors&... tensors) {
   return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
 }
 
+bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const std::optional<at::Tensor>& t) { return t.has_value() && has_tangent(*t); }
+
+// Forward-mode AD has no formula here: without this check torch.func.jvp / jacfwd read the
+// tangents these Functions drop as zeros (a silently wrong answer).
+template <typename... Tensors>
+void refuse_forward_ad(const char* op, const Tensors&... tensors) {
+  TORCH_CHECK(!(has_tangent(tensors) || ...), "acl_fused native backend: forward-mode AD (torch.func.jvp, "
+              "torch.func.jacfwd, torch.autograd.forward_ad) through ", op,
+              " is not supported; use backend='reference' for it");
+}
+
 class SynthesizeFunction : public torch::autograd::Function<SynthesizeFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
@@ -142,6 +154,7 @@ class AclConv2dBackwardFunction : public torch::autograd::Function<AclConv2dBack
 
 at::Tensor synthesize_autograd(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                                const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size) {
+  refuse_forward_ad("synthesize", akp, weight);
   if (records_graph(akp, weight)) return SynthesizeFunction::apply(akp, weight, family, row, kernel_size);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return dispatch::synthesize(akp, weight, family, row, kernel_size);
@@ -163,6 +176,7 @@ at::Tensor acl_conv2d_autograd(const at::Tensor& input, const at::Tensor& akp,
                                const at::Tensor& row, const std::optional<at::Tensor>& bias,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups) {
+  refuse_forward_ad("acl_conv2d", input, akp, weight, bias);
   if (records_graph(input, akp, weight, bias)) {
     return AclConv2dFunction::apply(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation,
                                     groups);

@@ -423,6 +423,77 @@ def test_meta_device_forward():
     assert y.device.type == "meta" and y.shape == nn.Conv2d(4, 9, 3, stride=2, padding=1)(torch.empty(2, 4, 9, 8)).shape
 
 
+def test_deferred_init_fills_the_family_buffer():
+    """Built on meta (with device= or inside a `with torch.device("meta")` block, as nn.Conv2d
+    allows), then to_empty + reset_parameters (FSDP's deferred init): the family buffer, which the
+    state dict saves, holds the layout again, and the module loads into a fresh one."""
+    with torch.device("meta"):
+        assert layer(4, 9, 3, layout=ALL_FAMILIES).akp.is_meta
+    m = layer(4, 9, 3, layout=ALL_FAMILIES, device="meta").to_empty(device="cpu")
+    m.reset_parameters()
+    assert m.family.tolist() == [int(f) for f in ALL_FAMILIES]
+    fresh = layer(4, 9, 3, layout=ALL_FAMILIES)
+    fresh.load_state_dict(m.state_dict())
+    x = torch.randn(1, 4, 5, 5)
+    assert torch.equal(fresh(x), m(x))
+
+
+def test_unbatched_input_as_nn_conv2d():
+    """[C_in, H, W] in, [C_out, H_out, W_out] out, gradients included, as nn.Conv2d."""
+    torch.manual_seed(3)
+    for backend in ("reference", "auto"):
+        m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend=backend))
+        x = torch.randn(4, 6, 5, requires_grad=True)
+        y = m(x)
+        y.square().sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        y_conv = F.conv2d(x2, m.synthesize().detach(), m.bias.detach(), padding=1)
+        y_conv.square().sum().backward()
+        assert y.shape == y_conv.shape == (9, 6, 5)
+        assert torch.allclose(y, y_conv, atol=1e-6) and torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+def test_float64_input_under_autocast_runs_in_float64_as_nn_conv2d():
+    """CPU autocast leaves float64 alone: a float64 layer computes in float64 there (nn.Conv2d
+    does); float32 parameters with a float64 input are refused (nn.Conv2d raises too)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for backend in ("reference", "auto"):
+        m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend=backend, dtype=torch.float64))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+            with pytest.raises(TypeError, match="differs from the parameters' dtype"):
+                layer(4, 9, 3, backend=backend)(x)
+        assert y.dtype == torch.float64
+        assert torch.allclose(y, F.conv2d(x, m.synthesize().detach(), m.bias.detach(), padding=1), atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_torch_export_leaves_a_module_never_called_working(backend):
+    """torch.export traces with fake tensors; the layout's index tensors made then must not be what
+    the module's later eager calls read (they returned fake tensors)."""
+    torch.manual_seed(5)
+    m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend=backend))
+    x = torch.randn(2, 4, 6, 5)
+    exported = torch.export.export(m, (x,))
+    want = F.conv2d(x, m.synthesize().detach(), m.bias.detach(), padding=1)
+    for y in (m(x), exported.module()(x), copy.deepcopy(m)(x)):
+        assert type(y) is torch.Tensor and torch.allclose(y, want, atol=1e-6)
+
+
+def test_forward_mode_ad_exact_or_refused():
+    """torch.func.jvp: the reference gives the exact tangent; the native backend, which has no
+    forward-mode formula, refuses it (it returned zeros)."""
+    torch.manual_seed(6)
+    x, v = torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5)
+    m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1))
+    _, tangent = torch.func.jvp(m, (x,), (v,))
+    assert torch.allclose(tangent, F.conv2d(v, m.synthesize().detach(), padding=1), atol=1e-6)
+    native = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="native")
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jvp(native, (x,), (v,))
+
+
 def test_deepcopy_and_pickle():
     torch.manual_seed(9)
     m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))

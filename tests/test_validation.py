@@ -121,8 +121,9 @@ def test_bad_kernel_size(synthesize, kernel_size, exc, match):
 
 @CONV
 @pytest.mark.parametrize("shape, match", [
-    ((CG, 8, 8), r"input must have shape \[N, C_in, H, W\], got \(3, 8, 8\)"),
-    ((1, 2, CG, 8, 8), r"input must have shape \[N, C_in, H, W\]"),
+    ((8, 8), r"input must have shape \[N, C_in, H, W\] or \[C_in, H, W\], got \(8, 8\)"),
+    ((1, 2, CG, 8, 8), r"input must have shape \[N, C_in, H, W\] or \[C_in, H, W\]"),
+    ((CG + 1, 8, 8), r"input has 4 channels but the layer expects C_in = C_in/groups \* groups = 3 \* 1 = 3"),
     ((2, CG + 1, 8, 8), r"input has 4 channels but the layer expects C_in = C_in/groups \* groups = 3 \* 1 = 3"),
 ])
 def test_bad_input_shape(conv2d, shape, match):

@@ -18,12 +18,12 @@ from ..validation import autocast_dtype
 
 def autocast_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]
                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], contextlib.AbstractContextManager]:
-    """(x, bias, scope) with nn.Conv2d's autocast semantics: when autocast is on for x's device, x
-    and bias come back cast to the autocast dtype (cast here, outside any autograd Function, so
+    """(x, bias, scope) with nn.Conv2d's autocast semantics: when autocast applies to x (on for its
+    device, x not float64: validation.autocast_dtype), x and bias come back cast to the autocast dtype (cast here, outside any autograd Function, so
     autograd casts their gradients back) and ``scope`` switches autocast off for the backend's
     call, which synthesizes W in the parameters' dtype and casts it to ``x.dtype``. Without
     autocast they come back as they are, with a no-op scope."""
-    dtype = autocast_dtype(x.device)
+    dtype = autocast_dtype(x)
     if dtype is None:
         return x, bias, contextlib.nullcontext()
     return (x.to(dtype), None if bias is None else bias.to(dtype),
