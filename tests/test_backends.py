@@ -219,6 +219,19 @@ def test_input_gradient_of_asymmetric_padding_is_laid_out_as_f_conv2d_gives_it(n
     assert grad_x.untyped_storage().nbytes() == x.untyped_storage().nbytes()
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_all_plain_layer_uses_every_parameter(name):
+    """An all-plain layout (the default one for a single output channel) still has its empty akp
+    parameter in the graph, with an empty gradient: DDP's default (find_unused_parameters=False)
+    and autograd.grad over parameters() need every parameter used."""
+    m = AnalyticConv2d(3, 1, 3, backend=name, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, device=DEVICE)
+    require(name, make_problem(m.akp, m.layout, m.kernel_size, x, ConvArgs.make()))
+    assert m.layout.num_analytic == 0
+    grads = torch.autograd.grad(m(x).sum(), list(m.parameters()))
+    assert grads[0].shape == m.akp.shape == (0, 3, 6)
+
+
 @pytest.mark.parametrize("wanted", ["x", "akp", "weight", "bias"])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_needs_input_grad_subsets(name, wanted):
