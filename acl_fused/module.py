@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional
@@ -15,6 +16,9 @@ from .layout import Layout, LayoutSpec, describe_counts, make_layout
 from .reference import synthesize_layout
 from .validation import autocast_dtype
 
+#: nn.Conv2d's padding modes.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
 
 class AnalyticConv2d(nn.Module):
     """ACL layer (SPEC §5) with nn.Conv2d's constructor and semantics.
@@ -23,6 +27,8 @@ class AnalyticConv2d(nn.Module):
     [P, C_in/g, kH, kW] plain kernels (None when P = 0), ``bias`` [C_out] (None when bias=False).
     Buffer: ``family`` [C_out] int64 codes (saved in the state dict).
 
+    ``padding_mode``: as nn.Conv2d's ('zeros', 'reflect', 'replicate', 'circular'): other than
+    'zeros', the input is padded first and convolved without padding.
     ``layout``: None (half the channels analytic, spread over the six analytic families, blocked
     in code order, then the plain channels), {family: count}, or a sequence of C_out families.
     Input [N, C_in, H, W] -> output [N, C_out, H_out, W_out] (unbatched [C_in, H, W] -> [C_out, H_out, W_out]).
@@ -31,12 +37,18 @@ class AnalyticConv2d(nn.Module):
     #: (signature, bound backend call) of the last forward call (see forward); a class default, so
     #: that modules pickled before it existed load and run.
     _call_plan: Optional[tuple] = None
+    #: nn.Conv2d's: how the input is padded ('zeros', 'reflect', 'replicate' or 'circular').
+    padding_mode: str = "zeros"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: PaddingArg = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
-                 layout: LayoutSpec = None, backend: str = "auto", device=None, dtype=None):
+                 padding_mode: str = "zeros", layout: LayoutSpec = None, backend: str = "auto", device=None,
+                 dtype=None):
         super().__init__()
         self._conv = ConvArgs.make(stride, padding, dilation, groups)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, but got padding_mode={padding_mode!r}")
+        self.padding_mode = padding_mode
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         if in_channels % groups:
@@ -129,17 +141,22 @@ class AnalyticConv2d(nn.Module):
         return functional.synthesize(self.akp, self.weight, self._layout, self.kernel_size, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self._conv
+        if self.padding_mode != "zeros":  # as nn.Conv2d: pad here, then convolve without padding
+            top, bottom, left, right = conv.explicit_padding(self.kernel_size)
+            x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
+            conv = ConvArgs.make(conv.stride, 0, conv.dilation, conv.groups)
         # Traced once (no state kept between calls), or unbatched [C_in, H, W] (as nn.Conv2d takes it).
         if torch.compiler.is_compiling() or (isinstance(x, torch.Tensor) and x.dim() == 3):
-            return functional.conv2d(x, self.akp, self.weight, self._layout, self.bias, self._conv,
+            return functional.conv2d(x, self.akp, self.weight, self._layout, self.bias, conv,
                                      self.kernel_size, backend=self.backend)
         akp, weight, bias = self.akp, self.weight, self.bias
-        signature = self._call_signature(x, akp, weight, bias)
+        signature = self._call_signature(x, akp, weight, bias, conv)
         plan = self._call_plan
         if plan is None or plan[0] != signature:
-            akp_, weight_, ks, name = functional.checked_conv2d_call(x, akp, weight, self._layout, bias, self._conv,
+            akp_, weight_, ks, name = functional.checked_conv2d_call(x, akp, weight, self._layout, bias, conv,
                                                                      self.kernel_size, self.backend)
-            plan = (signature, functional.bound_conv2d(name, self._layout, self._conv, ks, akp_.device,
+            plan = (signature, functional.bound_conv2d(name, self._layout, conv, ks, akp_.device,
                                                        autocast=autocast_dtype(x) is not None))
             if akp_ is akp and weight_ is weight:
                 self._call_plan = plan
@@ -154,7 +171,7 @@ class AnalyticConv2d(nn.Module):
         state.pop("_call_plan", None)
         return state
 
-    def _call_signature(self, x: torch.Tensor, akp, weight, bias) -> Optional[tuple]:
+    def _call_signature(self, x: torch.Tensor, akp, weight, bias, conv: ConvArgs) -> Optional[tuple]:
         """Everything the checks and the backend choice of a forward call read: a call with the same
         signature as the last one reuses its outcome, the backend's call bound once (measured on
         the CPU, 8->8 3x3, 1 thread: a module call cost 19 us more than the op it makes, 9 us with
@@ -162,7 +179,7 @@ class AnalyticConv2d(nn.Module):
         if not isinstance(x, torch.Tensor):
             return None
         return (x.dtype, x.device, x.shape, autocast_dtype(x), _tensor_signature(akp), _tensor_signature(weight),
-                _tensor_signature(bias), self._layout, self._conv, self.kernel_size, self.backend)
+                _tensor_signature(bias), self._layout, conv, self.kernel_size, self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -198,6 +215,8 @@ class AnalyticConv2d(nn.Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         s += f", layout=[{describe_counts(self._layout.counts())}]"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"

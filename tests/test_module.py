@@ -423,6 +423,35 @@ def test_meta_device_forward():
     assert y.device.type == "meta" and y.shape == nn.Conv2d(4, 9, 3, stride=2, padding=1)(torch.empty(2, 4, 9, 8)).shape
 
 
+@pytest.mark.parametrize("padding", [(1, 2), "same"], ids=["pair", "same"])
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular", "zeros"])
+def test_padding_modes_as_nn_conv2d(padding_mode, padding):
+    """padding_mode as nn.Conv2d's, on a Conv2d that holds the synthesized weight: the same output
+    and input gradient (batched, unbatched, through the reused call plan; 'reflect' compiled too)."""
+    torch.manual_seed(8)
+    torch._dynamo.reset()  # each case compiles its modules afresh: no recompile limit across cases
+    for backend in ("reference", "auto"):
+        m = perturbed(layer(4, 9, (3, 4), padding=padding, dilation=(1, 2), padding_mode=padding_mode,
+                            layout=ALL_FAMILIES, backend=backend))
+        conv = nn.Conv2d(4, 9, (3, 4), padding=padding, dilation=(1, 2), padding_mode=padding_mode)
+        with torch.no_grad():
+            conv.weight.copy_(m.synthesize())
+            conv.bias.copy_(m.bias)
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True) if padding_mode == "reflect" else m
+        for shape in ((2, 4, 7, 9), (2, 4, 7, 9), (4, 6, 8)):
+            x = torch.randn(shape, requires_grad=True)
+            x2 = x.detach().clone().requires_grad_()
+            y, y_conv = m(x), conv(x2)
+            y.square().sum().backward()
+            y_conv.square().sum().backward()
+            assert y.shape == y_conv.shape and torch.allclose(y, y_conv, atol=1e-5)
+            assert torch.allclose(x.grad, x2.grad, atol=1e-4)
+            assert torch.allclose(compiled(x), y, atol=1e-6)
+    assert "padding_mode='reflect'" in repr(layer(4, 9, 3, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        layer(4, 9, 3, padding_mode="mirror")
+
+
 def test_deferred_init_fills_the_family_buffer():
     """Built on meta (with device= or inside a `with torch.device("meta")` block, as nn.Conv2d
     allows), then to_empty + reset_parameters (FSDP's deferred init): the family buffer, which the
