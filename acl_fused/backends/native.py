@@ -14,8 +14,8 @@ Ops (schemas in csrc/ops.cpp; ``family`` / ``row`` are a Layout's int32 [C_out] 
 
 This module loads the extension and gives every op a fake kernel (torch.compile, meta tensors).
 Autograd is C++ (csrc/autograd.cpp, the Autograd key): ``synthesize`` / ``acl_conv2d`` save
-(input, akp, weight) only and recompute W in the backward; double backward is refused with a clear
-error.
+(input, akp, weight) only and recompute W in the backward; double backward and forward-mode AD are
+refused with a clear error.
 """
 from __future__ import annotations
 
