@@ -74,6 +74,7 @@ PYEOF
 
 {
     command -v nvidia-smi >/dev/null && nvidia-smi
+    echo "ninja: $(command -v ninja || echo 'not found: the build compiles one file at a time')"
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
 } >>"$log" 2>&1
@@ -83,7 +84,9 @@ case " $stages " in *" test "*)
     required=native,triton,triton_fused
     [ "$DEVICE" = cuda ] || required=native
     # shellcheck disable=SC2046  # the options are words
-    step tests 240 env ACL_FUSED_REQUIRE_BACKENDS="$required" "$PY" -m pytest tests/ -ra -p no:cacheprovider \
+    # Triton's autotuning off for the tests (acl_fused/backends/triton_conv.py AUTOTUNE): each new
+    # test shape would time and compile every candidate; the sweeps below keep it on.
+    step tests 240 env ACL_FUSED_REQUIRE_BACKENDS="$required" ACL_FUSED_AUTOTUNE=0 "$PY" -m pytest tests/ -ra -p no:cacheprovider \
         --durations=15 $(test_options)
 esac
 case " $stages " in *" bench "*)

@@ -876,6 +876,8 @@ def test_cuda_kernels_match_cpu_kernels(cuda_kernels, dtype, kernel_size):
         family, row = layout_args(layout, device)
         a, w, g = (t.to(device) for t in (akp, weight, grad_w))
         stream = torch.cuda.Stream() if device == "cuda" else None
+        if stream is not None:  # the inputs were copied on the default stream
+            stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # kernels must run on the current stream
             result = (ops.synthesize(a, w, family, row, list(kernel_size)),
                       *ops.synthesize_backward(g, a, family, row, [True, True]))

@@ -299,3 +299,16 @@ def test_kernels_compile_for_h100(dtypes):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("compiled") == 3
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "6 3"), ("0", "1 1")])
+def test_autotune_switch(setting, expected):
+    """ACL_FUSED_AUTOTUNE=0 (the GPU test run's setting) keeps one candidate per kernel; by default
+    the compiled kernels tune over all of them (checked in a process without the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ACL_FUSED_AUTOTUNE")}
+    if setting is not None:
+        env["ACL_FUSED_AUTOTUNE"] = setting
+    out = subprocess.run([sys.executable, "-c", "import acl_fused.backends.triton_conv as t; "
+                          "print(len(t._GEMM_CONFIGS), len(t._PARAM_CONFIGS))"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+    assert out == expected

@@ -150,10 +150,17 @@ def test_lot_kinks_take_the_active_branch():
 
 def test_float32_within_spec_tolerance():
     """float32 math (SPEC §6: 1e-5 relative norm error) per family and per output, against the
-    same kernel run in float64 on the same (float32-representable) AKPs."""
+    same kernel run in float64 on the same (float32-representable) AKPs. Drawn on the CPU, so that
+    a GPU run checks the same values; Gabor's wavelength at least one pixel (raw s_lambda >= 0):
+    shorter ones alias on the grid, and the phase of hundreds of radians they give made the
+    s_lambda gradient's error 0.73 of the bound under IEEE float32 already (GPU float32 divides
+    and exps are a few ulp)."""
     torch.manual_seed(2)
     codes = ALL_CODES * 12
-    akp32 = torch.randn(len(codes), 6, dtype=torch.float64, device=DEVICE).float()
+    akp32 = torch.randn(len(codes), 6, dtype=torch.float64)
+    gabor = torch.tensor(codes) == int(Family.GABOR)
+    akp32[gabor, 4] = akp32[gabor, 4].clamp(min=0.0)
+    akp32 = akp32.float().to(DEVICE)
     got = probe(codes, akp32, (3, 3))
     assert got.dtype == torch.float32
     want = probe(codes, akp32.double(), (3, 3))

@@ -34,6 +34,7 @@ per program and is amortised over the program's whole pixel range. Depthwise-lik
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -80,10 +81,15 @@ _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.fl
                 torch.float64: tl.float64}
 
 
+#: ACL_FUSED_AUTOTUNE=0 keeps the first GPU candidate of each kernel instead of tuning: every new
+#: shape of a test run would otherwise time them all (~0.13 s each) and compile them all.
+AUTOTUNE = os.environ.get("ACL_FUSED_AUTOTUNE", "1") != "0"
+
+
 def _configs(gpu: list[tuple[int, ...]], interpreted: tuple[int, ...], names: tuple[str, ...]) -> list:
     """Autotune configs (block sizes..., num_warps, num_stages); one small config under the
     interpreter, where tuning would only cost time and small tiles make tests cross tile edges."""
-    rows = [interpreted] if INTERPRETED else gpu
+    rows = [interpreted] if INTERPRETED else gpu if AUTOTUNE else gpu[:1]
     return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
 
 
