@@ -145,7 +145,7 @@ class AnalyticConv2d(nn.Module):
         if self.padding_mode != "zeros":  # as nn.Conv2d: pad here, then convolve without padding
             top, bottom, left, right = conv.explicit_padding(self.kernel_size)
             x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
-            conv = ConvArgs.make(conv.stride, 0, conv.dilation, conv.groups)
+            conv = ConvArgs(conv.stride, (0, 0), conv.dilation, conv.groups)  # normalised already
         # Traced once (no state kept between calls), or unbatched [C_in, H, W] (as nn.Conv2d takes it).
         if torch.compiler.is_compiling() or (isinstance(x, torch.Tensor) and x.dim() == 3):
             return functional.conv2d(x, self.akp, self.weight, self._layout, self.bias, conv,
