@@ -1,6 +1,7 @@
 """Convolution arguments with nn.Conv2d meaning (SPEC §5), normalised once for every backend."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Union
 
@@ -8,16 +9,35 @@ IntOrPair = Union[int, tuple[int, int], list[int]]
 PaddingArg = Union[IntOrPair, str]
 
 
+def as_int(value) -> int | None:
+    """A Python int from anything integer that nn.Conv2d takes (int, numpy's integers: whatever has
+    ``__index__``), bool excepted; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def positive_int(value: int, name: str) -> int:
+    """``value`` as a Python int > 0; ValueError naming ``name`` otherwise."""
+    n = as_int(value)
+    if n is None or n <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return n
+
+
 def pair(value: IntOrPair, name: str, minimum: int) -> tuple[int, int]:
     """(h, w) from an int or a pair of ints, each >= minimum; ValueError naming ``name`` otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if as_int(value) is not None:
         value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+    ints = [as_int(v) for v in value] if isinstance(value, (tuple, list)) else []
+    if len(ints) != 2 or None in ints:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
-    return int(value[0]), int(value[1])
+    if min(ints) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(ints)}")
+    return ints[0], ints[1]
 
 
 @dataclass(frozen=True)
@@ -46,9 +66,7 @@ class ConvArgs:
             padding_: Union[tuple[int, int], str] = padding
         else:
             padding_ = pair(padding, "padding", 0)
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"groups must be a positive int, got {groups!r}")
-        return ConvArgs(stride_, padding_, dilation_, groups)
+        return ConvArgs(stride_, padding_, dilation_, positive_int(groups, "groups"))
 
     def explicit_padding(self, kernel_size: tuple[int, int]) -> tuple[int, int, int, int]:
         """(top, bottom, left, right) zero padding; 'same' puts the odd pixel at the bottom/right,

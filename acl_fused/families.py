@@ -6,6 +6,8 @@ from typing import Union
 
 import torch
 
+from .conv_args import as_int
+
 #: Width of the packed AKP tensor's last axis (SPEC §5): every family's AKPs fit in 6 slots.
 AKP_SLOTS = 6
 #: pos(s) = exp(s) + POS_EPS (SPEC §3).
@@ -50,10 +52,11 @@ def as_family(value: FamilyLike) -> Family:
         except KeyError:
             names = ", ".join(f.name for f in Family)
             raise ValueError(f"unknown ACL family name {value!r}; expected one of {names}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
+    code = as_int(value)
+    if code is None:
         raise TypeError(f"ACL family must be a Family, an int code or a name, got {type(value).__name__}")
     try:
-        return Family(value)
+        return Family(code)
     except ValueError:
         raise ValueError(f"unknown ACL family code {value}; valid codes are 0..{len(Family) - 1}") from None
 

@@ -10,6 +10,7 @@ from typing import Union
 
 import torch
 
+from .conv_args import as_int, positive_int
 from .families import ANALYTIC_FAMILIES, Family, FamilyLike, as_family
 
 
@@ -134,8 +135,7 @@ def make_layout(spec: LayoutSpec, out_channels: int) -> Layout:
     """Layout from a user spec: None (default mosaic), {family: count} (blocked in code order, the
     counts must add up to ``out_channels``), or an explicit sequence/tensor of ``out_channels``
     family names or codes (any order)."""
-    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels <= 0:
-        raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
+    out_channels = positive_int(out_channels, "out_channels")
     if spec is None:
         return Layout(default_codes(out_channels))
     if isinstance(spec, Mapping):
@@ -144,9 +144,10 @@ def make_layout(spec: LayoutSpec, out_channels: int) -> Layout:
             f = as_family(key)
             if f in counts:
                 raise ValueError(f"layout names family {f.name} twice")
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            count = as_int(n)
+            if count is None or count < 0:
                 raise ValueError(f"layout count for {f.name} must be a non-negative int, got {n!r}")
-            counts[f] = n
+            counts[f] = count
         total = sum(counts.values())
         if total != out_channels:
             raise ValueError(

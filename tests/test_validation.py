@@ -313,6 +313,29 @@ def test_module_constructor(kwargs, exc, match):
         AnalyticConv2d(**args)
 
 
+def test_module_takes_numpy_integers_as_nn_conv2d_does():
+    """Sizes computed with numpy (np.int64 and the like) are ints to nn.Conv2d; here too, stored as
+    Python ints, and the layer is the one the same Python ints build."""
+    np = pytest.importorskip("numpy", reason="numpy is not installed")
+    i = np.int64
+    kwargs = dict(stride=i(2), padding=(i(1), 2), dilation=np.int32(1), groups=i(2),
+                  layout={"gabor": i(4), "log": np.uint8(2), "plain": 2}, backend="reference")
+    with_numpy = AnalyticConv2d(i(4), np.int32(8), (i(3), 3), **kwargs)
+    torch.nn.Conv2d(i(4), np.int32(8), (i(3), 3), stride=i(2), padding=(i(1), 2), groups=i(2))  # the same args
+    as_python = {k: (v if k != "layout" else {f: int(n) for f, n in v.items()}) for k, v in kwargs.items()}
+    as_python.update(stride=2, padding=(1, 2), dilation=1, groups=2)
+    torch.manual_seed(0)
+    reference_layer = AnalyticConv2d(4, 8, 3, **as_python)
+    with_numpy.load_state_dict(reference_layer.state_dict())
+    assert repr(with_numpy) == repr(reference_layer)
+    assert all(type(v) is int for v in (with_numpy.in_channels, with_numpy.out_channels, with_numpy.groups,
+                                        *with_numpy.stride, *with_numpy.padding, *with_numpy.kernel_size))
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(with_numpy(x), reference_layer(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"in_channels must be a positive int, got np.float64\(3.0\)|got 3.0"):
+        AnalyticConv2d(np.float64(3.0), 4, 3)
+
+
 def test_module_forward_checks_input():
     layer = AnalyticConv2d(3, 4, 3, backend="reference")
     with pytest.raises(ValueError, match=r"input has 5 channels but the layer expects C_in = C_in/groups \* groups = 3 \* 1 = 3"):
