@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
-from .conv_args import ConvArgs, IntOrPair, PaddingArg, pair
+from .conv_args import ConvArgs, IntOrPair, PaddingArg, pair, positive_int
 from .families import AKP_COUNT, AKP_NAMES, AKP_SLOTS, Family, pos, pos_inverse
 from .layout import Layout, LayoutSpec, describe_counts, make_layout
 from .reference import synthesize_layout
@@ -49,11 +49,11 @@ class AnalyticConv2d(nn.Module):
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, but got padding_mode={padding_mode!r}")
         self.padding_mode = padding_mode
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        in_channels, out_channels = positive_int(in_channels, "in_channels"), positive_int(out_channels, "out_channels")
+        groups = self._conv.groups
         if in_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if isinstance(out_channels, int) and out_channels % groups:
+        if out_channels % groups:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
@@ -245,6 +245,40 @@ class AnalyticConv2d(nn.Module):
         """Per-family parameter counts against an nn.Conv2d of the same shape."""
         return ParameterReport.of(self._layout, self.in_channels // self.groups, self.kernel_size,
                                   self.bias is not None)
+
+    # -- deployment -------------------------------------------------------------------------
+    def to_conv2d(self) -> nn.Conv2d:
+        """An nn.Conv2d computing what this layer computes now: the same arguments, ``weight`` the
+        synthesized W [C_out, C_in/g, kH, kW] (channels_last where the plain weight is, as after
+        ``.to(memory_format=torch.channels_last)``) and a copy of ``bias``, on this layer's device and
+        dtype, detached from it. For inference and export: it skips synthesis on every call, and any
+        tool that knows nn.Conv2d takes it."""
+        weight = self.weight
+        channels_last = (weight is not None and not weight.is_contiguous()
+                         and weight.is_contiguous(memory_format=torch.channels_last))
+        with torch.no_grad():
+            W = self.synthesize()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
+                         device="meta", dtype=W.dtype)
+        conv.weight = nn.Parameter(W.clone(memory_format=torch.channels_last if channels_last else
+                                           torch.contiguous_format))
+        if self.bias is not None:
+            conv.bias = nn.Parameter(self.bias.detach().clone())
+        return conv.train(self.training)
+
+    @classmethod
+    def convert_to_conv2d(cls, module: nn.Module) -> nn.Module:
+        """``module`` with every AnalyticConv2d in it (``module`` itself included) replaced by its
+        :meth:`to_conv2d`, as nn.SyncBatchNorm.convert_sync_batchnorm converts batch norms: the
+        other submodules are kept, not copied; returns the converted module."""
+        if isinstance(module, cls):
+            return module.to_conv2d()
+        for name, child in module.named_children():
+            converted = cls.convert_to_conv2d(child)
+            if converted is not child:
+                module.add_module(name, converted)
+        return module
 
 
 def _tensor_signature(t: Optional[torch.Tensor]) -> Optional[tuple]:

@@ -452,6 +452,53 @@ def test_padding_modes_as_nn_conv2d(padding_mode, padding):
         layer(4, 9, 3, padding_mode="mirror")
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("case", MODULE_CASES, ids=lambda c: f"{c['c_in']}-{c['c_out']}-{c['conv']}")
+def test_to_conv2d_computes_what_the_layer_computes(case, backend):
+    """to_conv2d: an nn.Conv2d with the layer's arguments (padding_mode too), its W and a copy of
+    its bias, dtype and training mode; the same output, no tie to the layer afterwards."""
+    torch.manual_seed(0)
+    m = perturbed(layer(case["c_in"], case["c_out"], case["k"], layout=case["layout"], bias=case.get("bias", True),
+                        padding_mode="circular" if case["conv"].get("padding") == 1 else "zeros",
+                        dtype=torch.float64, backend=backend, **case["conv"])).eval()
+    conv = m.to_conv2d()
+    assert type(conv) is nn.Conv2d and not conv.training
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode"):
+        assert getattr(conv, name) == getattr(m, name), name
+    assert conv.weight.dtype == torch.float64 and conv.weight.requires_grad and conv.weight.is_leaf
+    assert (conv.bias is None) == (m.bias is None)
+    assert [n for n, _ in conv.named_parameters()] == ["weight"] + (["bias"] if m.bias is not None else [])
+    x = torch.randn(2, case["c_in"], 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), m(x), rtol=1e-12, atol=1e-12)
+    y = m(x)
+    with torch.no_grad():
+        conv.weight.add_(1.0)
+        if conv.bias is not None:
+            conv.bias.add_(1.0)
+    assert torch.equal(m(x), y)
+
+
+def test_to_conv2d_keeps_the_plain_weights_memory_format_and_converts_whole_networks():
+    torch.manual_seed(0)
+    net = nn.Sequential(layer(3, 8, 3, padding=1), nn.ReLU(),
+                        nn.Sequential(layer(8, 8, 1, layout={"gabor": 8}, bias=False), nn.BatchNorm2d(8)))
+    net = perturbed(perturbed(net[0]) and net[2][0]) and net
+    net = net.to(memory_format=torch.channels_last)
+    relu, batch_norm = net[1], net[2][1]
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = net(x)
+    converted = AnalyticConv2d.convert_to_conv2d(net)
+    assert converted is net and net[1] is relu and net[2][1] is batch_norm
+    assert [type(net[0]), type(net[2][0])] == [nn.Conv2d, nn.Conv2d]
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(net(x), y)
+    single = layer(3, 4, 3)
+    assert type(AnalyticConv2d.convert_to_conv2d(single)) is nn.Conv2d
+    meta = layer(3, 4, 3, device="meta").to_conv2d()
+    assert meta.weight.is_meta and meta.bias.is_meta
+
+
 def test_deferred_init_fills_the_family_buffer():
     """Built on meta (with device= or inside a `with torch.device("meta")` block, as nn.Conv2d
     allows), then to_empty + reset_parameters (FSDP's deferred init): the family buffer, which the
@@ -602,3 +649,12 @@ def test_ddp_single_process_matches_plain_training(tmp_path, backend):
     done = subprocess.run([sys.executable, "-c", DDP_STEP, str(tmp_path / "store"), backend], cwd=Path(__file__).parent,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "same gradients and parameters" in done.stdout, done.stdout + done.stderr
+
+
+def test_readme_usage_runs():
+    """The README's usage example runs as printed (the API it shows exists and takes those arguments)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    usage = readme.split("## Usage", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(usage, "README.md usage", "exec"), namespace)
+    assert type(namespace["deployed"]) is nn.Conv2d
