@@ -232,6 +232,35 @@ def test_all_plain_layer_uses_every_parameter(name):
     assert grads[0].shape == m.akp.shape == (0, 3, 6)
 
 
+#: triton_fused launches its own convolution kernels from Python, which FlopCounterMode (a dispatcher
+#: mode) never sees: it counts nothing for that backend (README).
+FLOP_COUNTED_BACKENDS = [name for name in BACKENDS if name != "triton_fused"]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # nn.Conv2d's own
+@pytest.mark.parametrize("input_grad", [True, False], ids=["x-grad", "no-x-grad"])
+@pytest.mark.parametrize("case", [CASES[3], CASES[2], CASES[5]], ids=lambda c: c.id)
+@pytest.mark.parametrize("name", FLOP_COUNTED_BACKENDS)
+def test_flop_counter_counts_what_it_counts_for_nn_conv2d(name, case, input_grad):
+    """torch.utils.flop_counter.FlopCounterMode gives a forward + backward through the layer the
+    count it gives nn.Conv2d of the same shape (convolutions only, per op kind: forward, backward),
+    with and without the input's gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+    (x, akp, weight, bias), layout = case.tensors(torch.float32)
+    require(name, case.problem(x, akp, layout))
+    m = AnalyticConv2d(case.c_in, layout.out_channels, case.kernel_size, layout=layout, backend=name, device=DEVICE,
+                       **case.conv)
+    conv = torch.nn.Conv2d(case.c_in, layout.out_channels, case.kernel_size, device=DEVICE, **case.conv)
+    x.requires_grad_(input_grad)
+    counts = []
+    for layer in (m, conv):
+        with FlopCounterMode(display=False) as counter:
+            layer(x).sum().backward()
+        per_op = counter.get_flop_counts()["Global"]
+        counts.append(sorted((("backward" in str(op)), n) for op, n in per_op.items()))
+    assert counts[0] == counts[1] and counts[1][0][1] > 0
+
+
 @pytest.mark.parametrize("wanted", ["x", "akp", "weight", "bias"])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_needs_input_grad_subsets(name, wanted):

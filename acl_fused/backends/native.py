@@ -23,6 +23,8 @@ import importlib
 from typing import Callable, Optional
 
 import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import conv_flop_count
 
 from ..conv_args import ConvArgs
 from ..layout import Layout
@@ -164,5 +166,38 @@ def _register_fake_kernels() -> None:
         torch.library.register_fake("acl_fused::" + name, fake)
 
 
+# -- FLOP counts: torch.utils.flop_counter.FlopCounterMode counts the ops' convolutions as it counts
+# nn.Conv2d's (its conv formulas on W's shape); synthesis, elementwise work, is not counted.
+def _w_shape(akp_shape, family_shape, kernel_size) -> list[int]:
+    return [family_shape[0], akp_shape[1], *kernel_size]
+
+
+def _acl_conv2d_flops(input_shape, akp_shape, weight_shape, family_shape, row_shape, bias_shape, kernel_size,
+                      *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(input_shape, _w_shape(akp_shape, family_shape, kernel_size), out_shape)
+
+
+def _acl_conv2d_backward_flops(grad_output_shape, input_shape, akp_shape, weight_shape, family_shape, row_shape,
+                               kernel_size, stride, padding, dilation, groups, output_mask, out_shape=None,
+                               **kwargs) -> int:
+    """aten.convolution_backward's count: the input gradient's convolution where asked for, the weight
+    gradient's where the AKP or plain-weight gradient is."""
+    w_shape = _w_shape(akp_shape, family_shape, kernel_size)
+    flops = conv_flop_count(grad_output_shape, w_shape, input_shape, transposed=True) if output_mask[0] else 0
+    if output_mask[1] or output_mask[2]:
+        def t(shape):
+            return [shape[1], shape[0], *shape[2:]]
+        flops += conv_flop_count(t(input_shape), t(grad_output_shape), t(w_shape))
+    return flops
+
+
+def _register_flop_formulas() -> None:
+    for op, formula in ((torch.ops.acl_fused.acl_conv2d, _acl_conv2d_flops),
+                        (torch.ops.acl_fused.acl_conv2d_backward, _acl_conv2d_backward_flops)):
+        if op not in flop_counter.flop_registry:  # a second import (importlib.reload) registers nothing
+            flop_counter.register_flop_formula(op)(formula)
+
+
 if EXTENSION_ERROR is None:
     _register_fake_kernels()
+    _register_flop_formulas()
