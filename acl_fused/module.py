@@ -1,6 +1,7 @@
 """AnalyticConv2d: an nn.Conv2d drop-in whose output channels are a mosaic of families."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -141,11 +142,11 @@ class AnalyticConv2d(nn.Module):
         return functional.synthesize(self.akp, self.weight, self._layout, self.kernel_size, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self._conv
-        if self.padding_mode != "zeros":  # as nn.Conv2d: pad here, then convolve without padding
-            top, bottom, left, right = conv.explicit_padding(self.kernel_size)
-            x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
-            conv = ConvArgs(conv.stride, (0, 0), conv.dilation, conv.groups)  # normalised already
+        if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: the graph records one call, as for nn.Conv2d
+            c = self._conv
+            return _fx_conv2d(x, self.akp, self.weight, self.bias, self._layout.codes, self.kernel_size, c.stride,
+                              c.padding, c.dilation, c.groups, self.padding_mode, self.backend)
+        x, conv = _padded(x, self._conv, self.kernel_size, self.padding_mode)
         # Traced once (no state kept between calls), or unbatched [C_in, H, W] (as nn.Conv2d takes it).
         if torch.compiler.is_compiling() or (isinstance(x, torch.Tensor) and x.dim() == 3):
             return functional.conv2d(x, self.akp, self.weight, self._layout, self.bias, conv,
@@ -279,6 +280,36 @@ class AnalyticConv2d(nn.Module):
             if converted is not child:
                 module.add_module(name, converted)
         return module
+
+
+def _padded(x: torch.Tensor, conv: ConvArgs, kernel_size: tuple[int, int], padding_mode: str
+            ) -> tuple[torch.Tensor, ConvArgs]:
+    """(x, conv) for padding_mode 'zeros'; otherwise, as nn.Conv2d, x padded here and the
+    convolution's own padding dropped."""
+    if padding_mode == "zeros":
+        return x, conv
+    top, bottom, left, right = conv.explicit_padding(kernel_size)
+    x = F.pad(x, (left, right, top, bottom), mode=padding_mode)
+    return x, ConvArgs(conv.stride, (0, 0), conv.dilation, conv.groups)  # normalised already
+
+
+def _fx_conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               codes: tuple[int, ...], kernel_size: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int] | str, dilation: tuple[int, int], groups: int, padding_mode: str,
+               backend: str) -> torch.Tensor:
+    """AnalyticConv2d's forward from plain values (what an FX graph can hold): the call
+    torch.fx.symbolic_trace records for the layer (a leaf of the graph, wrapped below)."""
+    x, conv = _padded(x, ConvArgs(stride, padding, dilation, groups), kernel_size, padding_mode)
+    return functional.conv2d(x, akp, weight, _layout_of(codes), bias, conv, kernel_size, backend=backend)
+
+
+torch.fx.wrap("_fx_conv2d")
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_of(codes: tuple[int, ...]) -> Layout:
+    """One Layout per mosaic for traced calls, so that its index tensors are made once."""
+    return Layout(codes)
 
 
 def _tensor_signature(t: Optional[torch.Tensor]) -> Optional[tuple]:

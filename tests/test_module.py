@@ -499,6 +499,26 @@ def test_to_conv2d_keeps_the_plain_weights_memory_format_and_converts_whole_netw
     assert meta.weight.is_meta and meta.bias.is_meta
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_fx_symbolic_trace_records_one_call_a_layer(backend):
+    """torch.fx.symbolic_trace (torchvision's feature extraction, FX quantization) takes networks of
+    AnalyticConv2d as it takes nn.Conv2d's: one node a layer, the same output and gradients."""
+    torch.manual_seed(0)
+    net = nn.Sequential(perturbed(layer(3, 9, 3, padding=1, padding_mode="reflect", layout=ALL_FAMILIES, backend=backend)),
+                        nn.ReLU(),
+                        perturbed(layer(9, 4, (1, 2), stride=2, bias=False, layout={"gabor": 4}, backend=backend)))
+    traced = torch.fx.symbolic_trace(net)
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and "fx_conv2d" in str(n.target)]
+    assert len(calls) == 2
+    x = torch.randn(2, 3, 7, 6)
+    y = net(x)
+    grads = torch.autograd.grad(y.square().sum(), list(net.parameters()))
+    y_traced = traced(x)
+    assert torch.equal(y_traced, y)
+    grads_traced = torch.autograd.grad(y_traced.square().sum(), list(traced.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_traced))
+
+
 def test_deferred_init_fills_the_family_buffer():
     """Built on meta (with device= or inside a `with torch.device("meta")` block, as nn.Conv2d
     allows), then to_empty + reset_parameters (FSDP's deferred init): the family buffer, which the
