@@ -29,6 +29,7 @@ class BackendInfo:
     name: str
     module: str
     summary: str
+    functorch: bool = False  # its autograd runs under torch.func transforms (grad, vjp, jvp, vmap)
 
 
 #: Every backend, by name. Order here is only for listing; auto's order is auto_order().
@@ -42,7 +43,7 @@ BACKENDS: dict[str, BackendInfo] = {
         BackendInfo("triton_fused", "acl_fused.backends.triton_conv",
                     "Triton implicit-GEMM convolution that synthesizes its weight tiles in registers"),
         BackendInfo("reference", "acl_fused.backends.reference",
-                    "pure PyTorch autograd (SPEC oracle): synthesis + torch conv2d"),
+                    "pure PyTorch autograd (SPEC oracle): synthesis + torch conv2d", functorch=True),
     )
 }
 
@@ -67,7 +68,12 @@ def why_not(name: str, problem: Problem) -> Optional[str]:
     if name not in BACKENDS:
         return f"unknown backend {name!r}; known: {', '.join(BACKENDS)}"
     module, reason = _LOADED[name]
-    return reason if module is None else module.why_not(problem)
+    if module is None:
+        return reason
+    if problem.functorch and not BACKENDS[name].functorch:
+        return ("a torch.func transform (grad, vjp, jacrev, vmap; jvp: forward-mode AD) is running, which this "
+                "backend's autograd cannot take part in; the reference backend's can")
+    return module.why_not(problem)
 
 
 def report(problem: Problem) -> dict[str, Optional[str]]:
@@ -78,6 +84,7 @@ def report(problem: Problem) -> dict[str, Optional[str]]:
 def auto_order(problem: Problem) -> list[str]:
     """Preference order for backend='auto' (fastest first).
 
+    Under a torch.func transform only the reference can run (BackendInfo.functorch): auto takes it.
     CPU: native, measured fastest in every case of the CPU sweep (benchmarks/RESULTS.md); the
     Triton interpreter is a correctness tool, never a fast path. CUDA: not measured yet (no GPU
     so far): native before triton because both run one synthesis launch around cuDNN and native

@@ -32,6 +32,14 @@ class Problem:
     conv: Optional[ConvArgs] = None
     input_shape: Optional[tuple[int, ...]] = None
     autocast_dtype: Optional[torch.dtype] = None
+    #: a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is running the call
+    functorch: bool = False
+
+
+def functorch_transform_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is running this call
+    (False while torch.compile traces: Dynamo handles those transforms itself)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def autocast_enabled(device: torch.device) -> bool:
@@ -143,4 +151,5 @@ def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch
 def make_problem(akp: torch.Tensor, layout: Layout, kernel_size: tuple[int, int], x: Optional[torch.Tensor] = None,
                  conv: Optional[ConvArgs] = None, autocast_dtype: Optional[torch.dtype] = None) -> Problem:
     return Problem(device=akp.device, dtype=akp.dtype, kernel_size=kernel_size, layout=layout, conv=conv,
-                   input_shape=None if x is None else tuple(x.shape), autocast_dtype=autocast_dtype)
+                   input_shape=None if x is None else tuple(x.shape), autocast_dtype=autocast_dtype,
+                   functorch=functorch_transform_active())

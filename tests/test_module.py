@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acl_fused import AKP_COUNT, AnalyticConv2d, Family
+from acl_fused import AKP_COUNT, AnalyticConv2d, BackendUnavailable, Family, dispatch
 from acl_fused.families import ANALYTIC_FAMILIES, pos
+from acl_fused.validation import make_problem
 
 ALL_FAMILIES = [Family.TGD2, Family.PLAIN, Family.GABOR, Family.MEAN, Family.LOG, Family.PLAIN, Family.LOT,
                 Family.TGD1, Family.GABOR]
@@ -588,6 +589,35 @@ def test_forward_mode_ad_exact_or_refused():
     native = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="native")
     with pytest.raises(RuntimeError, match="forward-mode AD"):
         torch.func.jvp(native, (x,), (v,))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="native backend: forward-mode AD"):
+        native(fwAD.make_dual(x, v))  # no torch.func transform: the op itself refuses
+
+
+def test_torch_func_transforms_run_on_a_backend_that_takes_part_in_them():
+    """Per-sample gradients (vmap of grad over functional_call) and jvp with backend='auto' run on
+    the reference backend, the one whose autograd torch.func can transform, and give what eager
+    autograd (native, where built) gives sample by sample; asking for native under a transform
+    names the transform; outside one, auto is native again."""
+    torch.manual_seed(7)
+    m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="auto"))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randn(3, 4, 6, 5)
+
+    def loss(p, sample):
+        return torch.func.functional_call(m, p, (sample.unsqueeze(0),)).square().sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        m.zero_grad()
+        m(x[i:i + 1]).square().sum().backward()
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
+    native = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="native")
+    if dispatch.why_not("native", make_problem(native.akp, native.layout, native.kernel_size)) is None:
+        assert m._call_plan[1].__module__ == "acl_fused.backends.native"  # the eager calls above: auto is native
+        with pytest.raises(BackendUnavailable, match=r"native: a torch.func transform \(grad"):
+            torch.func.grad(lambda p: torch.func.functional_call(native, p, (x,)).sum())(
+                {k: v.detach() for k, v in native.named_parameters()})
 
 
 def test_deepcopy_and_pickle():
