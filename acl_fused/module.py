@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -248,7 +248,41 @@ class AnalyticConv2d(nn.Module):
         return ParameterReport.of(self._layout, self.in_channels // self.groups, self.kernel_size,
                                   self.bias is not None)
 
-    # -- deployment -------------------------------------------------------------------------
+    # -- conversion to and from nn.Conv2d ---------------------------------------------------
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, layout: LayoutSpec = None, backend: str = "auto") -> "AnalyticConv2d":
+        """An AnalyticConv2d with ``conv``'s arguments, device and dtype: its plain channels hold
+        ``conv``'s kernels of those output channels and its bias a copy of ``conv``'s; the analytic
+        channels start from the usual init (a layout of only plain channels computes what ``conv``
+        does). channels_last where ``conv.weight`` is."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"from_conv2d takes an nn.Conv2d, got {type(conv).__name__}")
+        weight = conv.weight
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode, layout=layout,
+                    backend=backend, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if layer.weight is not None:
+                layer.weight.copy_(weight[list(layer.layout.plain_channels)])
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+        return layer.to(memory_format=torch.channels_last) if channels_last else layer
+
+    @classmethod
+    def convert_from_conv2d(cls, module: nn.Module, layout: Union[LayoutSpec, Callable[[nn.Conv2d], LayoutSpec]] = None,
+                            backend: str = "auto") -> nn.Module:
+        """``module`` with every nn.Conv2d in it (``module`` itself included; not its subclasses,
+        whose forward may differ) replaced by :meth:`from_conv2d`; ``layout`` is one spec for every
+        layer or a function of the nn.Conv2d giving its spec. The other submodules are kept."""
+        if type(module) is nn.Conv2d:
+            return cls.from_conv2d(module, layout(module) if callable(layout) else layout, backend)
+        for name, child in module.named_children():
+            converted = cls.convert_from_conv2d(child, layout, backend)
+            if converted is not child:
+                module.add_module(name, converted)
+        return module
+
     def to_conv2d(self) -> nn.Conv2d:
         """An nn.Conv2d computing what this layer computes now: the same arguments, ``weight`` the
         synthesized W [C_out, C_in/g, kH, kW] (channels_last where the plain weight is, as after

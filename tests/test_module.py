@@ -501,6 +501,50 @@ def test_to_conv2d_keeps_the_plain_weights_memory_format_and_converts_whole_netw
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("case", MODULE_CASES, ids=lambda c: f"{c['c_in']}-{c['c_out']}-{c['conv']}")
+def test_from_conv2d_keeps_the_plain_channels_kernels(case, backend):
+    """from_conv2d: nn.Conv2d's arguments, dtype and bias; its plain channels convolve with the
+    conv's kernels of those channels, so an all-plain layout computes what the conv computes and
+    to_conv2d gives the conv back."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(case["c_in"], case["c_out"], case["k"], bias=case.get("bias", True), dtype=torch.float64,
+                     padding_mode="circular" if case["conv"].get("padding") == 1 else "zeros", **case["conv"])
+    x = torch.randn(2, case["c_in"], 9, 8, dtype=torch.float64)
+    m = AnalyticConv2d.from_conv2d(conv, layout=case["layout"], backend=backend)
+    assert (m.backend, m.akp.dtype, m.padding_mode) == (backend, torch.float64, conv.padding_mode)
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        assert getattr(m, name) == getattr(conv, name), name
+    plain = list(m.layout.plain_channels)
+    torch.testing.assert_close(m(x)[:, plain], conv(x)[:, plain], rtol=1e-12, atol=1e-12)
+    all_plain = AnalyticConv2d.from_conv2d(conv, layout={"plain": case["c_out"]}, backend=backend)
+    torch.testing.assert_close(all_plain(x), conv(x), rtol=1e-12, atol=1e-12)
+    back = all_plain.to_conv2d()
+    assert torch.equal(back.weight, conv.weight) and (conv.bias is None or torch.equal(back.bias, conv.bias))
+    with torch.no_grad():
+        conv.weight.add_(1.0)
+    assert not torch.equal(all_plain.weight, conv.weight[plain])  # copies, not views
+
+
+def test_convert_from_conv2d_replaces_every_plain_nn_conv2d():
+    class Custom(nn.Conv2d):  # a subclass may compute something else: left alone
+        pass
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(8, 6, 1, bias=False), Custom(6, 4, 1))).to(memory_format=torch.channels_last)
+    relu, custom = net[1], net[2][1]
+    seen = []
+    converted = AnalyticConv2d.convert_from_conv2d(net, layout=lambda c: seen.append(c.out_channels) or {"plain": c.out_channels})
+    assert converted is net and net[1] is relu and net[2][1] is custom and seen == [8, 6]
+    assert [type(net[0]), type(net[2][0])] == [AnalyticConv2d, AnalyticConv2d]
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 5, 5)
+    assert net(x).shape == (2, 4, 5, 5)
+    assert type(AnalyticConv2d.convert_from_conv2d(nn.Conv2d(3, 4, 3))) is AnalyticConv2d
+    with pytest.raises(TypeError, match="from_conv2d takes an nn.Conv2d, got Custom"):
+        AnalyticConv2d.from_conv2d(custom)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_fx_symbolic_trace_records_one_call_a_layer(backend):
     """torch.fx.symbolic_trace (torchvision's feature extraction, FX quantization) takes networks of
     AnalyticConv2d as it takes nn.Conv2d's: one node a layer, the same output and gradients."""
