@@ -254,7 +254,7 @@ class AnalyticConv2d(nn.Module):
         """An AnalyticConv2d with ``conv``'s arguments, device and dtype: its plain channels hold
         ``conv``'s kernels of those output channels and its bias a copy of ``conv``'s; the analytic
         channels start from the usual init (a layout of only plain channels computes what ``conv``
-        does). channels_last where ``conv.weight`` is."""
+        does). channels_last where ``conv.weight`` is; ``conv``'s training mode, and frozen where it is."""
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"from_conv2d takes an nn.Conv2d, got {type(conv).__name__}")
         weight = conv.weight
@@ -266,6 +266,13 @@ class AnalyticConv2d(nn.Module):
                 layer.weight.copy_(weight[list(layer.layout.plain_channels)])
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
+        # Frozen stays frozen and eval stays eval, as nn.SyncBatchNorm.convert_sync_batchnorm keeps them.
+        for p in (layer.akp, layer.weight):
+            if p is not None:
+                p.requires_grad_(weight.requires_grad)
+        if conv.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        layer.train(conv.training)
         channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
         return layer.to(memory_format=torch.channels_last) if channels_last else layer
 
@@ -287,8 +294,8 @@ class AnalyticConv2d(nn.Module):
         """An nn.Conv2d computing what this layer computes now: the same arguments, ``weight`` the
         synthesized W [C_out, C_in/g, kH, kW] (channels_last where the plain weight is, as after
         ``.to(memory_format=torch.channels_last)``) and a copy of ``bias``, on this layer's device and
-        dtype, detached from it. For inference and export: it skips synthesis on every call, and any
-        tool that knows nn.Conv2d takes it."""
+        dtype, detached from it (frozen where the layer's parameters are). For inference and export: it
+        skips synthesis on every call, and any tool that knows nn.Conv2d takes it."""
         weight = self.weight
         channels_last = (weight is not None and not weight.is_contiguous()
                          and weight.is_contiguous(memory_format=torch.channels_last))
@@ -297,10 +304,11 @@ class AnalyticConv2d(nn.Module):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
                          device="meta", dtype=W.dtype)
+        frozen = not any(p.requires_grad for p in (self.akp, weight) if p is not None)
         conv.weight = nn.Parameter(W.clone(memory_format=torch.channels_last if channels_last else
-                                           torch.contiguous_format))
+                                           torch.contiguous_format), requires_grad=not frozen)
         if self.bias is not None:
-            conv.bias = nn.Parameter(self.bias.detach().clone())
+            conv.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
         return conv.train(self.training)
 
     @classmethod

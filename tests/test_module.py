@@ -540,6 +540,10 @@ def test_convert_from_conv2d_replaces_every_plain_nn_conv2d():
     x = torch.randn(2, 3, 5, 5)
     assert net(x).shape == (2, 4, 5, 5)
     assert type(AnalyticConv2d.convert_from_conv2d(nn.Conv2d(3, 4, 3))) is AnalyticConv2d
+    frozen = AnalyticConv2d.from_conv2d(nn.Conv2d(3, 4, 3).eval().requires_grad_(False), backend="reference")
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    back = frozen.to_conv2d()
+    assert not back.training and not any(p.requires_grad for p in back.parameters())
     with pytest.raises(TypeError, match="from_conv2d takes an nn.Conv2d, got Custom"):
         AnalyticConv2d.from_conv2d(custom)
 
