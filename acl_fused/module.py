@@ -273,8 +273,7 @@ class AnalyticConv2d(nn.Module):
         if conv.bias is not None:
             layer.bias.requires_grad_(conv.bias.requires_grad)
         layer.train(conv.training)
-        channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
-        return layer.to(memory_format=torch.channels_last) if channels_last else layer
+        return layer.to(memory_format=torch.channels_last) if _is_channels_last(weight) else layer
 
     @classmethod
     def convert_from_conv2d(cls, module: nn.Module, layout: Union[LayoutSpec, Callable[[nn.Conv2d], LayoutSpec]] = None,
@@ -282,13 +281,8 @@ class AnalyticConv2d(nn.Module):
         """``module`` with every nn.Conv2d in it (``module`` itself included; not its subclasses,
         whose forward may differ) replaced by :meth:`from_conv2d`; ``layout`` is one spec for every
         layer or a function of the nn.Conv2d giving its spec. The other submodules are kept."""
-        if type(module) is nn.Conv2d:
-            return cls.from_conv2d(module, layout(module) if callable(layout) else layout, backend)
-        for name, child in module.named_children():
-            converted = cls.convert_from_conv2d(child, layout, backend)
-            if converted is not child:
-                module.add_module(name, converted)
-        return module
+        return _replace_modules(module, lambda m: type(m) is nn.Conv2d,
+                                lambda c: cls.from_conv2d(c, layout(c) if callable(layout) else layout, backend))
 
     def to_conv2d(self) -> nn.Conv2d:
         """An nn.Conv2d computing what this layer computes now: the same arguments, ``weight`` the
@@ -297,8 +291,7 @@ class AnalyticConv2d(nn.Module):
         dtype, detached from it (frozen where the layer's parameters are). For inference and export: it
         skips synthesis on every call, and any tool that knows nn.Conv2d takes it."""
         weight = self.weight
-        channels_last = (weight is not None and not weight.is_contiguous()
-                         and weight.is_contiguous(memory_format=torch.channels_last))
+        channels_last = weight is not None and _is_channels_last(weight)
         with torch.no_grad():
             W = self.synthesize()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -316,13 +309,26 @@ class AnalyticConv2d(nn.Module):
         """``module`` with every AnalyticConv2d in it (``module`` itself included) replaced by its
         :meth:`to_conv2d`, as nn.SyncBatchNorm.convert_sync_batchnorm converts batch norms: the
         other submodules are kept, not copied; returns the converted module."""
-        if isinstance(module, cls):
-            return module.to_conv2d()
-        for name, child in module.named_children():
-            converted = cls.convert_to_conv2d(child)
-            if converted is not child:
-                module.add_module(name, converted)
-        return module
+        return _replace_modules(module, lambda m: isinstance(m, cls), lambda m: m.to_conv2d())
+
+
+def _replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
+                     convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``module`` with every submodule that ``match``es (``module`` itself included) replaced by
+    ``convert(submodule)``, the others kept; in place, as nn.SyncBatchNorm.convert_sync_batchnorm."""
+    if match(module):
+        return convert(module)
+    for name, child in module.named_children():
+        converted = _replace_modules(child, match, convert)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module
+
+
+def _is_channels_last(weight: torch.Tensor) -> bool:
+    """Laid out as ``.to(memory_format=torch.channels_last)`` leaves a 4-D parameter (and not also
+    contiguous, as a 1x1 kernel's is both)."""
+    return not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def _padded(x: torch.Tensor, conv: ConvArgs, kernel_size: tuple[int, int], padding_mode: str
