@@ -15,7 +15,7 @@ from .conv_args import ConvArgs, IntOrPair, PaddingArg, pair, positive_int
 from .families import AKP_COUNT, AKP_NAMES, AKP_SLOTS, Family, pos, pos_inverse
 from .layout import Layout, LayoutSpec, describe_counts, make_layout
 from .reference import synthesize_layout
-from .validation import autocast_dtype, functorch_transform_active
+from .validation import autocast_dtype, functorch_transforms
 
 #: nn.Conv2d's padding modes.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -179,7 +179,7 @@ class AnalyticConv2d(nn.Module):
         the outcome reused, 7 us with the call bound). None for a non-tensor input."""
         if not isinstance(x, torch.Tensor):
             return None
-        return (x.dtype, x.device, x.shape, autocast_dtype(x), functorch_transform_active(),
+        return (x.dtype, x.device, x.shape, autocast_dtype(x), functorch_transforms(),
                 _tensor_signature(akp), _tensor_signature(weight),
                 _tensor_signature(bias), self._layout, conv, self.kernel_size, self.backend)
 

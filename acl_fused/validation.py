@@ -32,14 +32,17 @@ class Problem:
     conv: Optional[ConvArgs] = None
     input_shape: Optional[tuple[int, ...]] = None
     autocast_dtype: Optional[torch.dtype] = None
-    #: a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is running the call
-    functorch: bool = False
+    #: the torch.func transforms running the call: "grad" (grad, vjp, jacrev), "jvp" (jvp, jacfwd),
+    #: "vmap", "functionalize"
+    functorch: frozenset[str] = frozenset()
 
 
-def functorch_transform_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is running this call
-    (False while torch.compile traces: Dynamo handles those transforms itself)."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+def functorch_transforms() -> frozenset[str]:
+    """The torch.func transforms running this call (see Problem.functorch); none while torch.compile
+    traces (Dynamo handles those transforms itself)."""
+    if torch.compiler.is_compiling():
+        return frozenset()
+    return frozenset(level.key().name.lower() for level in torch._C._functorch.get_interpreter_stack() or ())
 
 
 def autocast_enabled(device: torch.device) -> bool:
@@ -152,4 +155,4 @@ def make_problem(akp: torch.Tensor, layout: Layout, kernel_size: tuple[int, int]
                  conv: Optional[ConvArgs] = None, autocast_dtype: Optional[torch.dtype] = None) -> Problem:
     return Problem(device=akp.device, dtype=akp.dtype, kernel_size=kernel_size, layout=layout, conv=conv,
                    input_shape=None if x is None else tuple(x.shape), autocast_dtype=autocast_dtype,
-                   functorch=functorch_transform_active())
+                   functorch=functorch_transforms())

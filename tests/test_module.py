@@ -645,8 +645,8 @@ def test_forward_mode_ad_exact_or_refused():
 def test_torch_func_transforms_run_on_a_backend_that_takes_part_in_them():
     """Per-sample gradients (vmap of grad over functional_call) and jvp with backend='auto' run on
     the reference backend, the one whose autograd torch.func can transform, and give what eager
-    autograd (native, where built) gives sample by sample; asking for native under a transform
-    names the transform; outside one, auto is native again."""
+    autograd (native, where built) gives sample by sample; asking for native under grad names the
+    transform, under vmap alone native runs; outside a transform, auto is native again."""
     torch.manual_seed(7)
     m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="auto"))
     params = {k: v.detach() for k, v in m.named_parameters()}
@@ -663,9 +663,16 @@ def test_torch_func_transforms_run_on_a_backend_that_takes_part_in_them():
     native = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="native")
     if dispatch.why_not("native", make_problem(native.akp, native.layout, native.kernel_size)) is None:
         assert m._call_plan[1].__module__ == "acl_fused.backends.native"  # the eager calls above: auto is native
-        with pytest.raises(BackendUnavailable, match=r"native: a torch.func transform \(grad"):
+        with pytest.raises(BackendUnavailable, match=r"native: torch.func's grad transform is running"):
             torch.func.grad(lambda p: torch.func.functional_call(native, p, (x,)).sum())(
                 {k: v.detach() for k, v in native.named_parameters()})
+        # vmap alone: native, asked for, takes part (its ops batch by torch's fallback); auto takes the reference
+        reference = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1)
+        reference.load_state_dict(native.state_dict())
+        batched = torch.func.vmap(native)(x.unsqueeze(1))
+        torch.testing.assert_close(batched.squeeze(1), reference(x), rtol=1e-5, atol=1e-6)
+        torch.func.vmap(m)(x.unsqueeze(1))
+        assert m._call_plan[1].__module__ != "acl_fused.backends.native"
 
 
 def test_deepcopy_and_pickle():
