@@ -15,7 +15,7 @@ from .conv_args import ConvArgs, IntOrPair, PaddingArg, pair, positive_int
 from .families import AKP_COUNT, AKP_NAMES, AKP_SLOTS, Family, pos, pos_inverse
 from .layout import Layout, LayoutSpec, describe_counts, make_layout
 from .reference import synthesize_layout
-from .validation import autocast_dtype, functorch_transforms
+from .validation import autocast_dtype, functorch_transforms, is_channels_last
 
 #: nn.Conv2d's padding modes.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -273,7 +273,7 @@ class AnalyticConv2d(nn.Module):
         if conv.bias is not None:
             layer.bias.requires_grad_(conv.bias.requires_grad)
         layer.train(conv.training)
-        return layer.to(memory_format=torch.channels_last) if _is_channels_last(weight) else layer
+        return layer.to(memory_format=torch.channels_last) if is_channels_last(weight) else layer
 
     @classmethod
     def convert_from_conv2d(cls, module: nn.Module, layout: Union[LayoutSpec, Callable[[nn.Conv2d], LayoutSpec]] = None,
@@ -291,7 +291,7 @@ class AnalyticConv2d(nn.Module):
         dtype, detached from it (frozen where the layer's parameters are). For inference and export: it
         skips synthesis on every call, and any tool that knows nn.Conv2d takes it."""
         weight = self.weight
-        channels_last = weight is not None and _is_channels_last(weight)
+        channels_last = weight is not None and is_channels_last(weight)
         with torch.no_grad():
             W = self.synthesize()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -323,12 +323,6 @@ def _replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
         if converted is not child:
             module.add_module(name, converted)
     return module
-
-
-def _is_channels_last(weight: torch.Tensor) -> bool:
-    """Laid out as ``.to(memory_format=torch.channels_last)`` leaves a 4-D parameter (and not also
-    contiguous, as a 1x1 kernel's is both)."""
-    return not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def _padded(x: torch.Tensor, conv: ConvArgs, kernel_size: tuple[int, int], padding_mode: str

@@ -45,6 +45,12 @@ def functorch_transforms() -> frozenset[str]:
     return frozenset(level.key().name.lower() for level in torch._C._functorch.get_interpreter_stack() or ())
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Laid out channels_last and not also contiguous (a [N, C, 1, 1] tensor is both): the layout
+    that F.conv2d keeps for its output and ``.to(memory_format=torch.channels_last)`` gives."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def autocast_enabled(device: torch.device) -> bool:
     """Whether autocast is on for ``device`` (False for device types autocast does not know, such as
     meta, where asking would raise)."""

@@ -121,8 +121,13 @@ def _pad_input(x: torch.Tensor, padding: list[int]) -> tuple[torch.Tensor, list[
     return x, [pad_h, pad_w]
 
 
+def _w_shape(akp_shape, family_shape, kernel_size) -> list[int]:
+    """W's shape [C_out, C_in/g, kH, kW] from akp's [A, C_in/g, 6] and family's [C_out]."""
+    return [family_shape[0], akp_shape[1], *kernel_size]
+
+
 def _fake_synthesize(akp, weight, family, row, kernel_size):
-    return akp.new_empty((family.shape[0], akp.shape[1], *kernel_size))
+    return akp.new_empty(_w_shape(akp.shape, family.shape, kernel_size))
 
 
 def _fake_synthesize_backward(grad_W, akp, family, row, output_mask):
@@ -133,7 +138,7 @@ def _fake_synthesize_backward(grad_W, akp, family, row, output_mask):
 
 
 def _fake_acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups):
-    w = input.new_empty((family.shape[0], akp.shape[1], *kernel_size))
+    w = input.new_empty(_w_shape(akp.shape, family.shape, kernel_size))
     x, symmetric = _pad_input(input, padding)
     return torch.ops.aten.convolution(x, w, bias, stride, symmetric, dilation, False, [0, 0], groups)
 
@@ -143,7 +148,7 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
     want_input, want_akp, want_weight, want_bias = output_mask
     grad_input, grad_bias = input.new_empty((0,)), input.new_empty((0,))
     if want_input or want_bias:
-        w = input.new_empty((family.shape[0], akp.shape[1], *kernel_size))
+        w = input.new_empty(_w_shape(akp.shape, family.shape, kernel_size))
         x, symmetric = _pad_input(input, padding)
         gx, _, gb = torch.ops.aten.convolution_backward(
             grad_output.to(input.dtype), x, w, [family.shape[0]] if want_bias else None, stride, symmetric,
@@ -153,7 +158,7 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
         if want_bias:
             grad_bias = gb
     grad_akp, grad_weight = _fake_synthesize_backward(
-        grad_output.new_empty((family.shape[0], akp.shape[1], *kernel_size)), akp, family, row,
+        grad_output.new_empty(_w_shape(akp.shape, family.shape, kernel_size)), akp, family, row,
         [want_akp, want_weight])
     if want_weight and weight is not None:
         grad_weight = torch.empty_like(weight)  # the parameter's layout (csrc/acl_conv2d.cpp laid_out_like)
@@ -168,10 +173,6 @@ def _register_fake_kernels() -> None:
 
 # -- FLOP counts: torch.utils.flop_counter.FlopCounterMode counts the ops' convolutions as it counts
 # nn.Conv2d's (its conv formulas on W's shape); synthesis, elementwise work, is not counted.
-def _w_shape(akp_shape, family_shape, kernel_size) -> list[int]:
-    return [family_shape[0], akp_shape[1], *kernel_size]
-
-
 def _acl_conv2d_flops(input_shape, akp_shape, weight_shape, family_shape, row_shape, bias_shape, kernel_size,
                       *args, out_shape=None, **kwargs) -> int:
     return conv_flop_count(input_shape, _w_shape(akp_shape, family_shape, kernel_size), out_shape)

@@ -44,7 +44,7 @@ from torch.torch_version import TorchVersion
 
 from ..conv_args import ConvArgs
 from ..layout import Layout
-from ..validation import Problem
+from ..validation import Problem, is_channels_last
 from . import library_conv, triton_synthesis
 from .triton_families import family_value, family_value_and_grads, grid_xy
 
@@ -379,8 +379,7 @@ def _acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
 
 def _output_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format F.conv2d gives its output for this input."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 @functools.lru_cache(maxsize=None)
