@@ -209,7 +209,10 @@ def git_commit(repo: Path) -> str:
         return "unknown"
 
 
-def environment(device: torch.device, argv: list[str], settings: TimerSettings) -> dict[str, str]:
+def environment(device: torch.device, argv: list[str], settings: TimerSettings,
+                script: str = "benchmarks.throughput") -> dict[str, str]:
+    """The run's description for a report: device, date, versions, commit, the command (``python -m
+    script argv``), timing settings, load."""
     try:
         import triton
         triton_version = triton.__version__
@@ -229,7 +232,7 @@ def environment(device: torch.device, argv: list[str], settings: TimerSettings) 
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": f"torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}",
         "git commit": commit,
-        "command": "python -m benchmarks.throughput " + " ".join(shlex.quote(a) for a in argv),
+        "command": " ".join(["python", "-m", script, *(shlex.quote(a) for a in argv)]),
         "timing": f"{timer}, {settings.rounds} interleaved rounds; medians",
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }

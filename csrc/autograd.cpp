@@ -6,7 +6,7 @@
 // synthesize / acl_conv2d save their inputs only, never W, and their backward recomputes W inside
 // the backward op (SPEC §7). Gradients are computed only for the inputs that need them, and an
 // output a backward op skipped (an empty [0] tensor) reaches autograd as undefined (None).
-// The backward ops are differentiable once only: differentiating them raises.
+// The backward ops are differentiable in turn (double backward), through composite ops.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -115,41 +115,73 @@ class AclConv2dFunction : public torch::autograd::Function<AclConv2dFunction> {
   }
 };
 
-[[noreturn]] void refuse_double_backward() {
-  TORCH_CHECK(false,
-              "acl_fused native backend: double backward (differentiating a gradient, e.g. "
-              "backward(create_graph=True) followed by another backward, or gradgradcheck) is not supported; use "
-              "backend='reference' for higher-order gradients");
-}
-
-// The backward ops run as themselves; a graph through their outputs (create_graph=True) ends in
-// refuse_double_backward.
+// The backward ops, recorded only when a backward builds a graph (create_graph=True). Their own
+// backward (double backward) is the *_double_backward composite ops, implemented in Python
+// (acl_fused/backends/double_backward.py): second derivatives of the families come from the
+// reference formulas there, the convolutions from torch; they are rare next to training steps.
+// Undefined incoming gradients stay undefined (no zeros materialised): each is a term skipped.
 class SynthesizeBackwardFunction : public torch::autograd::Function<SynthesizeBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_W, const at::Tensor& akp,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_W, const at::Tensor& akp,
                                const at::Tensor& family, const at::Tensor& row, std::array<bool, 2> output_mask) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_W, akp, family, row});
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_akp, grad_weight] = dispatch::synthesize_backward(grad_W, akp, family, row, output_mask);
     return {grad_akp, grad_weight};
   }
 
-  static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward(); }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    if (!(mask[0] || mask[1])) return {{}, {}, {}, {}, {}};
+    auto [grad_grad_W, grad_akp] = dispatch::synthesize_double_backward(
+        optional_tensor(grad_grads[0]), optional_tensor(grad_grads[1]), saved[0], saved[1], saved[2], saved[3], mask);
+    return {grad_if(mask[0], grad_grad_W), grad_if(mask[1], grad_akp), {}, {}, {}};
+  }
 };
 
 class AclConv2dBackwardFunction : public torch::autograd::Function<AclConv2dBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_output, const at::Tensor& input,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& input,
                                const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                                const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups, std::array<bool, 4> output_mask) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_output, input, akp, weight.value_or(at::Tensor()), family, row});
+    ctx->saved_data["kernel_size"] = kernel_size;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_input, grad_akp, grad_weight, grad_bias] = dispatch::acl_conv2d_backward(
         grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups, output_mask);
     return {grad_input, grad_akp, grad_weight, grad_bias};
   }
 
-  static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward(); }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[3];
+    // needs_input_grad counts tensor arguments only: (grad_output, input, akp, [weight], family, row).
+    const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                   weight.defined() && ctx->needs_input_grad(3)};
+    const variable_list none(12);
+    if (!(mask[0] || mask[1] || mask[2] || mask[3])) return none;
+    auto& data = ctx->saved_data;
+    auto [grad_grad_output, grad_input, grad_akp, grad_weight] = dispatch::acl_conv2d_double_backward(
+        optional_tensor(grad_grads[0]), optional_tensor(grad_grads[1]), optional_tensor(grad_grads[2]),
+        optional_tensor(grad_grads[3]), saved[0], saved[1], saved[2], optional_tensor(weight), saved[4], saved[5],
+        data["kernel_size"].toIntVector(), data["stride"].toIntVector(), data["padding"].toIntVector(),
+        data["dilation"].toIntVector(), data["groups"].toInt(), mask);
+    variable_list grads = none;
+    grads[0] = grad_if(mask[0], grad_grad_output);
+    grads[1] = grad_if(mask[1], grad_input);
+    grads[2] = grad_if(mask[2], grad_akp);
+    grads[3] = grad_if(mask[3], grad_weight);
+    return grads;
+  }
 };
 
 at::Tensor synthesize_autograd(const at::Tensor& akp, const std::optional<at::Tensor>& weight,

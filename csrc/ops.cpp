@@ -38,6 +38,16 @@ TORCH_LIBRARY(acl_fused, m) {
   m.def("acl_conv2d_backward(Tensor grad_output, Tensor input, Tensor akp, Tensor? weight, Tensor family, "
         "Tensor row, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
         "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_akp, Tensor grad_weight, Tensor grad_bias)");
+  // Double backward (csrc/autograd.cpp): the gradients w.r.t. the backward ops' inputs (those in
+  // output_mask; the others are empty tensors [0]) of a loss whose gradients w.r.t. their outputs
+  // are the grad_grad_* (None: not used). Composite ops implemented in Python
+  // (acl_fused/backends/double_backward.py, registered by acl_fused/backends/native.py).
+  m.def("synthesize_double_backward(Tensor? grad_grad_akp, Tensor? grad_grad_weight, Tensor grad_W, Tensor akp, "
+        "Tensor family, Tensor row, bool[2] output_mask) -> (Tensor grad_grad_W, Tensor grad_akp)");
+  m.def("acl_conv2d_double_backward(Tensor? grad_grad_input, Tensor? grad_grad_akp, Tensor? grad_grad_weight, "
+        "Tensor? grad_grad_bias, Tensor grad_output, Tensor input, Tensor akp, Tensor? weight, Tensor family, "
+        "Tensor row, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
+        "bool[4] output_mask) -> (Tensor grad_grad_output, Tensor grad_input, Tensor grad_akp, Tensor grad_weight)");
 }
 
 namespace acl_fused {
@@ -168,6 +178,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   static const auto op = typed_op<decltype(acl_conv2d_backward)>("acl_fused::acl_conv2d_backward");
   return op.call(grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups,
                  output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor> synthesize_double_backward(const std::optional<at::Tensor>& grad_grad_akp,
+                                                              const std::optional<at::Tensor>& grad_grad_weight,
+                                                              const at::Tensor& grad_W, const at::Tensor& akp,
+                                                              const at::Tensor& family, const at::Tensor& row,
+                                                              std::array<bool, 2> output_mask) {
+  static const auto op = typed_op<decltype(synthesize_double_backward)>("acl_fused::synthesize_double_backward");
+  return op.call(grad_grad_akp, grad_grad_weight, grad_W, akp, family, row, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_double_backward(
+    const std::optional<at::Tensor>& grad_grad_input, const std::optional<at::Tensor>& grad_grad_akp,
+    const std::optional<at::Tensor>& grad_grad_weight, const std::optional<at::Tensor>& grad_grad_bias,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
+    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 4> output_mask) {
+  static const auto op = typed_op<decltype(acl_conv2d_double_backward)>("acl_fused::acl_conv2d_double_backward");
+  return op.call(grad_grad_input, grad_grad_akp, grad_grad_weight, grad_grad_bias, grad_output, input, akp, weight,
+                 family, row, kernel_size, stride, padding, dilation, groups, output_mask);
 }
 
 }  // namespace dispatch

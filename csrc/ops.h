@@ -95,6 +95,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, std::array<bool, 4> output_mask);
+std::tuple<at::Tensor, at::Tensor> synthesize_double_backward(const std::optional<at::Tensor>& grad_grad_akp,
+                                                              const std::optional<at::Tensor>& grad_grad_weight,
+                                                              const at::Tensor& grad_W, const at::Tensor& akp,
+                                                              const at::Tensor& family, const at::Tensor& row,
+                                                              std::array<bool, 2> output_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_double_backward(
+    const std::optional<at::Tensor>& grad_grad_input, const std::optional<at::Tensor>& grad_grad_akp,
+    const std::optional<at::Tensor>& grad_grad_weight, const std::optional<at::Tensor>& grad_grad_bias,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
+    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 4> output_mask);
 }  // namespace dispatch
 
 }  // namespace acl_fused

@@ -34,6 +34,18 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return done
 
 
+def test_gradient_penalty_script_times_every_step():
+    if native.EXTENSION_ERROR is not None:
+        skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
+    out = run("-m", "benchmarks.gradient_penalty", "--device", "cpu", "--channels", "4", "--size", "6",
+              "--min-run-time", "0.01", "--rounds", "1").stdout
+    assert "command: python -m benchmarks.gradient_penalty --device cpu" in out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert rows["step"] == "| step | nn.Conv2d | native | reference |"
+    for step in ("train", "R1", "R1+params"):
+        assert rows[step].count("x)") == 3, rows[step]
+
+
 def test_throughput_script_writes_every_report(tmp_path):
     if native.EXTENSION_ERROR is not None:
         skip_or_fail_unavailable("native", native.EXTENSION_ERROR)

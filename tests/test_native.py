@@ -7,7 +7,7 @@ their remainders, their fallback, wide AKP ranges and NaN, and the AVX2 object's
 split of a slice over CUDA lanes (on the host); half / bfloat16 computed in
 float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
 the C++ autograd (csrc/autograd.cpp): what it saves, the gradients it asks for, None for the rest;
-double backward refused; the why-not reasons (extension
+double backward's recording, third order and row check; the why-not reasons (extension
 missing, built without CUDA, dtype); torch.compile; and, on a GPU, CUDA against CPU.
 """
 from __future__ import annotations
@@ -764,15 +764,47 @@ def test_gradients_only_where_needed(extension, wants, with_weight_and_bias):
             assert t.grad is None, name
 
 
-def test_double_backward_refused_with_clear_error(extension):
+def test_first_order_backward_records_no_graph_and_create_graph_does(extension):
+    """A plain backward runs the backward op below autograd (nothing saved for a second
+    derivative); create_graph=True records it, to be differentiated by the double-backward ops."""
     akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
     akp.requires_grad_()
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
-    for out in (native.synthesize(akp, weight, layout, (3, 3)),
-                native.conv2d(x, akp, weight, layout, None, ConvArgs.make(), (3, 3))):
-        (g,) = torch.autograd.grad(out.square().sum(), akp, create_graph=True)
-        with pytest.raises(RuntimeError, match="double backward .* is not supported"):
-            torch.autograd.grad(g.sum(), akp)
+    y = native.conv2d(x, akp, weight, layout, None, ConvArgs.make(), (3, 3))
+    (g,) = torch.autograd.grad(y.square().sum(), akp, retain_graph=True)
+    assert g.grad_fn is None
+    (g,) = torch.autograd.grad(y.square().sum(), akp, create_graph=True)
+    assert g.grad_fn.name().endswith("AclConv2dBackwardFunction>")
+
+
+def test_third_order_gradgradcheck_float64(extension):
+    """Double backward's results are differentiable again (the composite ops record what they
+    compute): gradgradcheck of a function that returns first-order gradients checks the third
+    derivatives."""
+    akp, weight, layout = make_inputs(MOSAIC[:8], 1, (3, 2))
+    x = torch.randn(1, 1, 4, 3, dtype=torch.float64)
+    conv = ConvArgs.make(stride=(1, 2), padding=1)
+
+    def gradients(x, akp, weight):
+        y = native.conv2d(x, akp, weight, layout, None, conv, (3, 2))
+        return torch.autograd.grad(y.pow(3).sum(), (x, akp, weight), create_graph=True)
+
+    leaves = [t.clone().requires_grad_() for t in (x, akp, weight)]
+    assert torch.autograd.gradgradcheck(gradients, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_double_backward_needs_the_layouts_own_row_map(extension):
+    """The raw ops take any one-to-one row map; their double backward rebuilds the Layout from
+    family, so a map other than the layout's is refused by name instead of mixing rows up."""
+    akp, weight, layout = make_inputs([F_.GABOR, F_.LOG, F_.PLAIN], 2, (3, 3))
+    akp.requires_grad_()
+    idx = layout.tensors("cpu")
+    swapped = idx["row_i32"].clone()
+    swapped[:2] = swapped[:2].flip(0)  # the two analytic channels exchange their akp rows
+    w = torch.ops.acl_fused.synthesize(akp, weight, idx["family_i32"], swapped, [3, 3])
+    (g,) = torch.autograd.grad(w.square().sum(), akp, create_graph=True)
+    with pytest.raises(ValueError, match="double backward needs row = the layout's row"):
+        g.sum().backward()
 
 
 # -- why_not reasons ----------------------------------------------------------------------------

@@ -316,16 +316,6 @@ def test_conv_function_saves_x_and_params_never_w():
     assert akp.grad is not None and weight.grad is not None and x.grad is not None
 
 
-def test_double_backward_raises_a_clear_error():
-    kernel_size = (3, 3)
-    layout, akp, weight = mosaic_params([2, 0], 2, kernel_size)
-    akp.requires_grad_()
-    w = ts.synthesize(akp, weight, layout, kernel_size)
-    (g,) = torch.autograd.grad(w.square().sum(), akp, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
-        g.sum().backward()
-
-
 def _problem(device="cpu", dtype=torch.float32):
     return Problem(device=torch.device(device), dtype=dtype, kernel_size=(3, 3), layout=Layout([0, 1]))
 

@@ -14,8 +14,14 @@ Ops (schemas in csrc/ops.cpp; ``family`` / ``row`` are a Layout's int32 [C_out] 
 
 This module loads the extension and gives every op a fake kernel (torch.compile, meta tensors).
 Autograd is C++ (csrc/autograd.cpp, the Autograd key): ``synthesize`` / ``acl_conv2d`` save
-(input, akp, weight) only and recompute W in the backward; double backward and forward-mode AD are
-refused with a clear error.
+(input, akp, weight) only and recompute W in the backward; forward-mode AD is refused with a clear
+error. Double backward runs two composite ops this module implements (double_backward.py):
+
+    synthesize_double_backward(gg_akp?, gg_weight?, grad_W, akp, family, row, output_mask[2])
+        -> (grad_grad_W, grad_akp)
+    acl_conv2d_double_backward(gg_input?, gg_akp?, gg_weight?, gg_bias?, grad_output, input, akp, weight,
+                               family, row, kernel_size, stride, padding, dilation, groups, output_mask[4])
+        -> (grad_grad_output, grad_input, grad_akp, grad_weight)
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from torch.utils.flop_counter import conv_flop_count
 from ..conv_args import ConvArgs
 from ..layout import Layout
 from ..validation import FLOAT_DTYPES, Problem
-from . import library_conv
+from . import double_backward, library_conv
 
 BUILD_HINT = ("build it from the repository root with `pip install --no-build-isolation -e .` (or `make setup`), "
               "without ACL_FUSED_NO_EXT=1")
@@ -199,6 +205,47 @@ def _register_flop_formulas() -> None:
             flop_counter.register_flop_formula(op)(formula)
 
 
+# -- double backward: the composite ops csrc/autograd.cpp calls to differentiate the backward ops
+def _layout_of(family: torch.Tensor, row: torch.Tensor) -> Layout:
+    """The Layout whose family_i32 / row_i32 these are (read on the host: double backward only)."""
+    layout = Layout(family.tolist())
+    if list(layout.row) != row.tolist():
+        raise ValueError("acl_fused: double backward needs row = the layout's row of each output channel "
+                         "(Layout.tensors()['row_i32']), got another mapping")
+    return layout
+
+
+def _or_empty(grads: tuple[Optional[torch.Tensor], ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The ops' convention: a gradient not asked for is an empty tensor [0]."""
+    return tuple(like.new_empty((0,)) if g is None else g for g in grads)
+
+
+def _synthesize_double_backward(gg_akp, gg_weight, grad_W, akp, family, row, output_mask):
+    grads = double_backward.synthesize_double_backward(grad_W, akp, _layout_of(family, row), gg_akp, gg_weight,
+                                                       output_mask)
+    return _or_empty(grads, akp)
+
+
+def _acl_conv2d_double_backward(gg_input, gg_akp, gg_weight, gg_bias, grad_output, input, akp, weight, family, row,
+                                kernel_size, stride, padding, dilation, groups, output_mask):
+    def synthesize(a: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.ops.acl_fused.synthesize(a, w, family, row, kernel_size)
+
+    grads = double_backward.conv2d_double_backward(
+        synthesize, grad_output, input, akp, weight, _layout_of(family, row), tuple(kernel_size), stride, padding,
+        dilation, groups, gg_input, gg_akp, gg_weight, gg_bias, output_mask)
+    return _or_empty(grads, akp)
+
+
+def _register_double_backward() -> None:
+    for name, impl in (("synthesize_double_backward", _synthesize_double_backward),
+                       ("acl_conv2d_double_backward", _acl_conv2d_double_backward)):
+        qualname = "acl_fused::" + name
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeImplicitAutograd"):  # reload
+            torch.library.impl(qualname, "CompositeImplicitAutograd", impl)
+
+
 if EXTENSION_ERROR is None:
     _register_fake_kernels()
     _register_flop_formulas()
+    _register_double_backward()

@@ -45,7 +45,7 @@ from torch.torch_version import TorchVersion
 from ..conv_args import ConvArgs
 from ..layout import Layout
 from ..validation import Problem, is_channels_last
-from . import library_conv, triton_synthesis
+from . import double_backward, library_conv, triton_synthesis
 from .triton_families import family_value, family_value_and_grads, grid_xy
 
 
@@ -521,17 +521,24 @@ class TritonACLConv2d(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         x, akp, weight = ctx.saved_tensors
+        layout, kernel_size = ctx.layout, ctx.kernel_size
         need_x, need_akp, need_weight, need_bias = ctx.needs_input_grad[:4]
-        ops = _Operands(x, akp, weight, ctx.layout, ctx.conv, ctx.kernel_size)
-        grad_x = _grad_input(grad_y, x, ops) if need_x else None
-        grad_akp = grad_weight = None
-        if need_akp or need_weight:
-            grad_akp, grad_weight = _grad_params(grad_y, x, akp, weight, ops, need_akp, need_weight)
-        grad_bias = grad_y.sum((0, 2, 3)) if need_bias else None
-        return grad_x, grad_akp, grad_weight, grad_bias, None, None, None
+
+        def first_order():
+            ops = _Operands(x, akp, weight, layout, ctx.conv, kernel_size)
+            grad_x = _grad_input(grad_y, x, ops) if need_x else None
+            grad_akp = grad_weight = None
+            if need_akp or need_weight:
+                grad_akp, grad_weight = _grad_params(grad_y, x, akp, weight, ops, need_akp, need_weight)
+            grad_bias = grad_y.sum((0, 2, 3)) if need_bias else None
+            return grad_x, grad_akp, grad_weight, grad_bias
+
+        grads = double_backward.conv2d_gradients(first_order, grad_y, x, akp, weight,
+                                                 triton_synthesis.bound_synthesis(layout, kernel_size), layout,
+                                                 ctx.conv, kernel_size)
+        return (*grads, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------

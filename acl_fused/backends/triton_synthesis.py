@@ -30,12 +30,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ..conv_args import ConvArgs
 from ..layout import Layout
 from ..validation import Problem
-from . import library_conv
+from . import double_backward, library_conv
 from .triton_families import PLAIN, akp_count, family_value, family_value_and_grads, grid_xy
 
 # Elements per program tile ([BLOCK_S, KK_PAD]). The gradient kernel keeps ~40 live values per
@@ -218,50 +217,61 @@ class TritonSynthesize(torch.autograd.Function):
     """W = synthesis(akp, weight); backward: one AKP-gradient launch. Saves akp, weight only."""
 
     @staticmethod
-    def forward(ctx, akp: torch.Tensor, weight: Optional[torch.Tensor], family_i32: torch.Tensor,
-                row_i32: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
-        ctx.save_for_backward(akp, weight, family_i32, row_i32)
-        ctx.kernel_size = kernel_size
-        return synthesize_weight(akp, weight, family_i32, row_i32, kernel_size)
+    def forward(ctx, akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
+                kernel_size: tuple[int, int]) -> torch.Tensor:
+        idx = layout.tensors(akp.device)
+        ctx.save_for_backward(akp, weight)
+        ctx.layout, ctx.kernel_size = layout, kernel_size
+        return synthesize_weight(akp, weight, idx["family_i32"], idx["row_i32"], kernel_size)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_w: torch.Tensor):
-        akp, weight, family_i32, row_i32 = ctx.saved_tensors
-        d_akp, d_weight = akp_and_weight_grads(grad_w, akp, weight, family_i32, row_i32, ctx.kernel_size,
-                                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return d_akp, d_weight, None, None, None
+        akp, weight = ctx.saved_tensors
+        idx = ctx.layout.tensors(akp.device)
+
+        def first_order():
+            return akp_and_weight_grads(grad_w, akp, weight, idx["family_i32"], idx["row_i32"], ctx.kernel_size,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (*double_backward.synthesis_gradients(first_order, grad_w, akp, ctx.layout), None, None)
 
 
 class TritonConv2d(torch.autograd.Function):
     """y = conv2d(x, W, bias) with W synthesized in-kernel; backward recomputes W.
 
-    Saves x, akp and weight (and the layout's index tensors); never W.
+    Saves x, akp and weight; never W.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], family_i32: torch.Tensor, row_i32: torch.Tensor,
-                conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
-        w = synthesize_weight(akp, weight, family_i32, row_i32, kernel_size)
-        ctx.save_for_backward(x, akp, weight, family_i32, row_i32)
-        ctx.conv, ctx.kernel_size = conv, kernel_size
+                bias: Optional[torch.Tensor], layout: Layout, conv: ConvArgs,
+                kernel_size: tuple[int, int]) -> torch.Tensor:
+        idx = layout.tensors(akp.device)
+        w = synthesize_weight(akp, weight, idx["family_i32"], idx["row_i32"], kernel_size)
+        ctx.save_for_backward(x, akp, weight)
+        ctx.layout, ctx.conv, ctx.kernel_size = layout, conv, kernel_size
         return library_conv.conv_forward(x, w, bias, conv)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
-        x, akp, weight, family_i32, row_i32 = ctx.saved_tensors
+        x, akp, weight = ctx.saved_tensors
+        layout, kernel_size = ctx.layout, ctx.kernel_size
+        idx = layout.tensors(akp.device)
         need_x, need_akp, need_weight, need_bias = ctx.needs_input_grad[:4]
         need_w = need_akp or need_weight
-        w = synthesize_weight(akp, weight, family_i32, row_i32, ctx.kernel_size)
-        grad_x, grad_w, grad_bias = library_conv.conv_backward(
-            grad_y, x, w, ctx.conv, ctx.kernel_size, (need_x, need_w, need_bias))
-        d_akp = d_weight = None
-        if need_w:
-            d_akp, d_weight = akp_and_weight_grads(grad_w, akp, weight, family_i32, row_i32, ctx.kernel_size,
-                                                   need_akp, need_weight)
-        return grad_x, d_akp, d_weight, grad_bias, None, None, None, None
+
+        def first_order():
+            w = synthesize_weight(akp, weight, idx["family_i32"], idx["row_i32"], kernel_size)
+            grad_x, grad_w, grad_bias = library_conv.conv_backward(
+                grad_y, x, w, ctx.conv, kernel_size, (need_x, need_w, need_bias))
+            d_akp = d_weight = None
+            if need_w:
+                d_akp, d_weight = akp_and_weight_grads(grad_w, akp, weight, idx["family_i32"], idx["row_i32"],
+                                                       kernel_size, need_akp, need_weight)
+            return grad_x, d_akp, d_weight, grad_bias
+
+        grads = double_backward.conv2d_gradients(first_order, grad_y, x, akp, weight,
+                                                 bound_synthesis(layout, kernel_size), layout, ctx.conv, kernel_size)
+        return (*grads, None, None, None)
 
 
 # ---------------------------------------------------------------- backend protocol (dispatch.py)
@@ -284,15 +294,18 @@ def why_not(problem: Problem) -> Optional[str]:
 def synthesize(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
                kernel_size: tuple[int, int]) -> torch.Tensor:
     """W [C_out, Cg, kH, kW] in the parameters' dtype, differentiable w.r.t. akp and weight."""
-    idx = layout.tensors(akp.device)
-    return TritonSynthesize.apply(akp, weight, idx["family_i32"], idx["row_i32"], kernel_size)
+    return TritonSynthesize.apply(akp, weight, layout, kernel_size)
+
+
+def bound_synthesis(layout: Layout, kernel_size: tuple[int, int]) -> double_backward.Synthesize:
+    """:func:`synthesize` as a function of (akp, weight): the W of a double backward's terms."""
+    return lambda akp, weight: synthesize(akp, weight, layout, kernel_size)
 
 
 def conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
            bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
     """y [N, C_out, H_out, W_out] = F.conv2d(x, synthesize(akp, weight), bias, ...), with nn.Conv2d's
     autocast semantics (library_conv.autocast_inputs)."""
-    idx = layout.tensors(akp.device)
     x, bias, scope = library_conv.autocast_inputs(x, bias)
     with scope:
-        return TritonConv2d.apply(x, akp, weight, bias, idx["family_i32"], idx["row_i32"], conv, kernel_size)
+        return TritonConv2d.apply(x, akp, weight, bias, layout, conv, kernel_size)
