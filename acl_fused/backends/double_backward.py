@@ -20,10 +20,11 @@ differentiable in x and grad_y. Synthesis alone (W -> (grad_akp, grad_weight)) i
 L = <J(akp)^T grad_W, gg_akp> + <S^T grad_W, gg_weight>. The results are differentiable again when
 the caller records a graph (create_graph), so third and higher orders work too.
 
-Measured (CPU, 2 threads, 64->64 3x3 on [4, 64, 28, 28], default layout, benchmarks/RESULTS.md):
-an R1 step (input-gradient penalty) 1.11-1.13x nn.Conv2d's with native, 1.36-1.40x with the
-reference; a penalty on the input and parameter gradients 1.83x, the reference 1.58x (its first-
-order graph is already the reference's, here it is built again).
+Measured (python -m benchmarks.gradient_penalty: CPU, 2 threads, 64->64 3x3 on [4, 64, 28, 28],
+default layout; benchmarks/RESULTS.md): an R1 step (input-gradient penalty) costs 1.05-1.14x
+nn.Conv2d's on native, 1.35-1.40x on the reference; a penalty on the input and parameter gradients
+1.75-1.86x, the reference 1.56-1.67x (whose first-order graph of the synthesis already exists; here
+it is built again).
 """
 from __future__ import annotations
 
