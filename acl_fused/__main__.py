@@ -1,7 +1,8 @@
 """`python -m acl_fused`: correctness smoke check and parameter savings on this device.
 
-1. float64 gradcheck of every runnable backend (interpreted Triton excluded: the test suite covers
-   it) against the SPEC, for a mosaic holding all seven families;
+1. float64 gradcheck and gradgradcheck (double backward) of every runnable backend (interpreted
+   Triton excluded: the test suite covers it) against the SPEC, for a mosaic holding all seven
+   families;
 2. per-family parameter counts and savings against nn.Conv2d for 3x3, 5x5, 7x7 kernels;
 3. the backend backend="auto" picks here.
 Timings are the benchmarks' job (`python -m benchmarks.throughput`; `make run` runs both).
@@ -33,7 +34,7 @@ def runnable_backends(device: torch.device, dtype: torch.dtype) -> dict[str, str
 
 
 def gradcheck_all(device: torch.device) -> bool:
-    print(f"== float64 gradcheck vs SPEC on {device} (mosaic of all seven families) ==")
+    print(f"== float64 gradcheck and gradgradcheck vs SPEC on {device} (mosaic of all seven families) ==")
     torch.manual_seed(0)
     layer = AnalyticConv2d(3, len(MOSAIC), (3, 2), padding="same", layout=MOSAIC, dtype=torch.float64,
                            device=device)
@@ -46,9 +47,10 @@ def gradcheck_all(device: torch.device) -> bool:
             continue
         def fn(x, akp, weight, bias, name=name):
             return acl_conv2d(x, akp, weight, layer.layout, bias, padding="same", kernel_size=(3, 2), backend=name)
-        passed = torch.autograd.gradcheck(fn, args, raise_exception=False)
-        ok &= passed
-        print(f"  {name:<13} {'PASS' if passed else 'FAIL'}")
+        first = torch.autograd.gradcheck(fn, args, raise_exception=False)
+        second = torch.autograd.gradgradcheck(fn, args, raise_exception=False)
+        ok &= first and second
+        print(f"  {name:<13} gradcheck {'PASS' if first else 'FAIL'}, gradgradcheck {'PASS' if second else 'FAIL'}")
     return ok
 
 
@@ -70,7 +72,7 @@ def main() -> int:
     parameter_savings()
     print(f"\nauto picks: {dispatch.select('auto', make_problem(torch.empty(0, device=device), make_layout(None, 64), (3, 3))).__name__}")
     if not ok:
-        print("gradcheck FAILED", file=sys.stderr)
+        print("gradcheck or gradgradcheck FAILED", file=sys.stderr)
     return 0 if ok else 1
 
 

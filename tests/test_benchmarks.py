@@ -1,8 +1,8 @@
 """The benchmarks run (CI times nothing, but `make run` and `pytest benchmarks/` must not rot).
 
-One tiny sweep of the throughput script (every section, every backend that runs on CPU without
-Triton's interpreter), checked for what it writes; and the pytest-benchmark suites in their
-untimed smoke mode.
+make run's smoke check (`python -m acl_fused`); one tiny sweep of the throughput script (every
+section, every backend that runs on CPU without Triton's interpreter), checked for what it writes;
+the gradient-penalty script; and the pytest-benchmark suites in their untimed smoke mode.
 """
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done
+
+
+def test_smoke_check_of_make_run_passes():
+    """`python -m acl_fused`, make run's first part: gradcheck and gradgradcheck of every backend
+    that runs here (interpreted Triton excluded), exit status 0."""
+    out = run("-m", "acl_fused").stdout
+    assert "  reference     gradcheck PASS, gradgradcheck PASS" in out
+    if native.EXTENSION_ERROR is None:
+        assert "  native        gradcheck PASS, gradgradcheck PASS" in out
 
 
 def test_gradient_penalty_script_times_every_step():
