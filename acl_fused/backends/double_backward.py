@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..conv_args import ConvArgs
 from ..layout import Layout
+from . import library_conv
 
 Tensor = torch.Tensor
 #: (akp, weight) -> W [C_out, Cg, kH, kW], differentiable in both: the backend's synthesis.
@@ -101,22 +102,19 @@ def conv2d_double_backward(synthesize: Synthesize, grad_y: Tensor, x: Tensor, ak
     backward outputs (grad_x, grad_akp, grad_weight, grad_bias) are (gg_x, gg_akp, gg_weight,
     gg_bias) (None: the loss does not use it); None where ``needs`` is False. ``padding`` is explicit
     (top, bottom, left, right); the convolutions run in x's dtype."""
-    top, bottom, left, right = padding
-
-    def padded(inp: Tensor) -> Tensor:
-        return F.pad(inp, (left, right, top, bottom))
-
     record = torch.is_grad_enabled()
     with torch.enable_grad():
         gy, xs, a, w = (_wrt(t, record) for t in (grad_y, x, akp, weight))
         loss = gy.new_zeros(())
         if gg_x is not None:
-            W = synthesize(a, w)
-            loss = loss + (gy * F.conv2d(padded(gg_x), W.to(gg_x.dtype), None, stride, 0, dilation, groups)).sum()
+            gg_x_p, symmetric = library_conv.pad_unequal_sides(gg_x, padding)
+            conv = F.conv2d(gg_x_p, synthesize(a, w).to(gg_x.dtype), None, stride, symmetric, dilation, groups)
+            loss = loss + (gy * conv).sum()
         if gg_akp is not None or gg_weight is not None:
+            x_p, symmetric = library_conv.pad_unequal_sides(xs, padding)
             w_shape = [layout.out_channels, akp.shape[1], *kernel_size]
             grad_W = torch.ops.aten.convolution_backward(
-                gy, padded(xs), xs.new_empty(w_shape), None, stride, [0, 0], dilation, False, [0, 0], groups,
+                gy, x_p, xs.new_empty(w_shape), None, stride, symmetric, dilation, False, [0, 0], groups,
                 [False, True, False])[1]
             loss = loss + synthesis_gradients_dot(a, layout, kernel_size, grad_W, gg_akp, gg_weight)
         if gg_bias is not None:

@@ -7,7 +7,7 @@ helpers, so padding='same' with even kernels, autocast and channels_last behave 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,17 @@ def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
                     conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def pad_unequal_sides(x: torch.Tensor, padding: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """(x padded by what each side's zero padding (top, bottom, left, right) has beyond its pair's
+    smaller one, [pad_h, pad_w]: the symmetric padding left to the convolution): how F.conv2d does
+    unequal sides ('same' with an even dilated kernel). x itself when the sides are equal."""
+    top, bottom, left, right = padding
+    pad_h, pad_w = min(top, bottom), min(left, right)
+    if (top, left) != (bottom, right):
+        x = F.pad(x, (left - pad_w, right - pad_w, top - pad_h, bottom - pad_h))
+    return x, [pad_h, pad_w]
+
+
 def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: ConvArgs,
                   kernel_size: tuple[int, int], output_mask: tuple[bool, bool, bool]
                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -43,15 +54,16 @@ def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: 
     ``output_mask`` (x, w, bias) are None. grad_w is in ``x.dtype``.
 
     Asymmetric padding (padding='same' with an even dilated kernel) is done the way F.conv2d does
-    it: pad the input's bottom/right by the odd pixel, then convolve with symmetric padding.
+    it (:func:`pad_unequal_sides`).
     """
-    top, bottom, left, right = conv.explicit_padding(kernel_size)
-    h, w_in = x.shape[-2:]
-    x_p = x if (top, left) == (bottom, right) else F.pad(x, (0, right - left, 0, bottom - top))
+    top, _, left, _ = padding = conv.explicit_padding(kernel_size)
+    x_p, symmetric = pad_unequal_sides(x, padding)
     grad_y = grad_y.to(x.dtype)
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad_y, x_p, w.to(x.dtype), [grad_y.shape[1]] if output_mask[2] else None,
-        list(conv.stride), [top, left], list(conv.dilation), False, [0, 0], conv.groups, list(output_mask))
+        list(conv.stride), symmetric, list(conv.dilation), False, [0, 0], conv.groups, list(output_mask))
     if gx is not None and x_p is not x:  # a tensor of its own, as F.conv2d's, not a view of the padded one
-        gx = torch.empty_like(x).copy_(gx[..., :h, :w_in])
+        h, w_in = x.shape[-2:]
+        i, j = top - symmetric[0], left - symmetric[1]
+        gx = torch.empty_like(x).copy_(gx[..., i:i + h, j:j + w_in])
     return gx, gw, gb

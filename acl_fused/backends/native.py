@@ -118,15 +118,6 @@ def _require_extension() -> None:
 
 
 # -- fake kernels: shapes, dtypes and strides exactly as the C++ kernels give them ----------------
-def _pad_input(x: torch.Tensor, padding: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """csrc/acl_conv2d.cpp pad_input: (padded input, symmetric padding)."""
-    top, bottom, left, right = padding
-    pad_h, pad_w = min(top, bottom), min(left, right)
-    if (top, left) != (bottom, right):
-        x = torch.ops.aten.constant_pad_nd(x, [left - pad_w, right - pad_w, top - pad_h, bottom - pad_h], 0)
-    return x, [pad_h, pad_w]
-
-
 def _w_shape(akp_shape, family_shape, kernel_size) -> list[int]:
     """W's shape [C_out, C_in/g, kH, kW] from akp's [A, C_in/g, 6] and family's [C_out]."""
     return [family_shape[0], akp_shape[1], *kernel_size]
@@ -145,7 +136,7 @@ def _fake_synthesize_backward(grad_W, akp, family, row, output_mask):
 
 def _fake_acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups):
     w = input.new_empty(_w_shape(akp.shape, family.shape, kernel_size))
-    x, symmetric = _pad_input(input, padding)
+    x, symmetric = library_conv.pad_unequal_sides(input, padding)
     return torch.ops.aten.convolution(x, w, bias, stride, symmetric, dilation, False, [0, 0], groups)
 
 
@@ -155,7 +146,7 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
     grad_input, grad_bias = input.new_empty((0,)), input.new_empty((0,))
     if want_input or want_bias:
         w = input.new_empty(_w_shape(akp.shape, family.shape, kernel_size))
-        x, symmetric = _pad_input(input, padding)
+        x, symmetric = library_conv.pad_unequal_sides(input, padding)
         gx, _, gb = torch.ops.aten.convolution_backward(
             grad_output.to(input.dtype), x, w, [family.shape[0]] if want_bias else None, stride, symmetric,
             dilation, False, [0, 0], groups, [want_input, False, want_bias])
