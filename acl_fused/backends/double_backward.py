@@ -23,7 +23,7 @@ the caller records a graph (create_graph), so third and higher orders work too.
 Measured (python -m benchmarks.gradient_penalty: CPU, 2 threads, 64->64 3x3 on [4, 64, 28, 28],
 default layout; benchmarks/RESULTS.md): an R1 step (input-gradient penalty) costs 1.05-1.14x
 nn.Conv2d's on native, 1.35-1.40x on the reference; a penalty on the input and parameter gradients
-1.75-1.86x, the reference 1.56-1.67x (whose first-order graph of the synthesis already exists; here
+1.75-1.86x, the reference 1.55-1.67x (whose first-order graph of the synthesis already exists; here
 it is built again).
 """
 from __future__ import annotations
