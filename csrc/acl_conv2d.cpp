@@ -60,18 +60,20 @@ at::Tensor laid_out_like(const at::Tensor& grad_weight, const at::Tensor& weight
 // The backward's order where it wants grad_input and the AKP gradient. Weight gradient first, then
 // W and the parameter gradients from one pass (their exp / cos once), then grad_input: a synthesis
 // pass fewer, but the parameter gradients (P bytes) are held while grad_input's convolution runs,
-// so its peak is at most the convolution's + P, the convolution's being at least grad_input's size
-// X. Strided layers with P > X / 20 (small maps, small batches; a 1x1 kernel's analytic slice packs
-// 6 AKPs against a plain one's 1 weight) take grad_input first: W from a synthesis pass of its own,
-// both convolution gradients in one call, then the parameter gradients; their peak is then the
-// convolution's. Measured on the CPU (benchmarks/RESULTS.md, session 18; forward + backward peak
-// against nn.Conv2d's, batch 4, 112 px): 64->128 3x3 stride 2 NCHW +9% -> +0%, 1x1 projections
-// 64->128 +4..13% -> +0%, 128->256 +28..59% -> +0..44%, at ~2% more time; oneDNN's strided
-// grad_input peaks highest (an NCHW result is copied twice: three input-sized blocks). At stride 1
-// the weight gradient's convolution peaks higher, and the first order stays at -21..+4%.
-bool input_gradient_first(at::IntArrayRef stride, int64_t param_grad_bytes, int64_t input_bytes) {
+// so its peak is at most the convolution's + P, the convolution's being at least the input's size
+// X. A strided layer with P > X / 20 and W smaller than the input takes grad_input first: W from a
+// synthesis pass of its own, both convolution gradients in one call, then the parameter gradients,
+// whose peak is the convolution's. Measured on the CPU (benchmarks/RESULTS.md, session 18; forward
+// + backward, batch 4, 112 px; peak against nn.Conv2d's, time of the second order / the first):
+// 64->128 3x3 stride 2 NCHW +9% -> +0%, 1x1 projections 64->128 +4..13% -> +0% and 128->256
+// +28..59% -> +0..44% (a 1x1 analytic slice packs 6 AKPs against 1 weight), 1.00-1.07x the time;
+// oneDNN's strided grad_input peaks highest (an NCHW result is copied twice: three input-sized
+// blocks). Where W is larger than the input the weight gradient's convolution peaks higher and the
+// synthesis pass costs most (256->512 3x3 at 7 px: -2% -> +0%, 1.02-1.07x the time); at stride 1
+// the first order stays within -21..+4% of nn.Conv2d's peak.
+bool input_gradient_first(at::IntArrayRef stride, int64_t input_bytes, int64_t w_bytes, int64_t param_grad_bytes) {
   const bool strided = std::any_of(stride.begin(), stride.end(), [](int64_t s) { return s > 1; });
-  return strided && param_grad_bytes * 20 > input_bytes;
+  return strided && w_bytes < input_bytes && param_grad_bytes * 20 > input_bytes;
 }
 
 }  // namespace
@@ -152,9 +154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
                                       memory_format);
   };
   at::Tensor gx, gw, gb;
+  const int64_t element_size = akp.element_size();
+  const int64_t w_bytes = c_out * akp.size(1) * kernel_size[0] * kernel_size[1] * element_size;
   const int64_t param_grad_bytes =
-      (akp.numel() + (want_weight && weight.has_value() ? weight->numel() : 0)) * akp.element_size();
-  if (want_input && want_akp && !input_gradient_first(stride, param_grad_bytes, input.nbytes())) {
+      (akp.numel() + (want_weight && weight.has_value() ? weight->numel() : 0)) * element_size;
+  if (want_input && want_akp && !input_gradient_first(stride, input.nbytes(), w_bytes, param_grad_bytes)) {
     // Weight gradient first, then W and the AKP gradient from one pass (their exp / cos once),
     // then grad_input: one synthesis pass less than W, convolution, AKP gradient.
     std::tie(std::ignore, gw, gb) = convolution_backward(shape_only(), {false, true, want_bias});
