@@ -66,7 +66,7 @@ at::Tensor laid_out_like(const at::Tensor& grad_weight, const at::Tensor& weight
 // whose peak is the convolution's. Measured on the CPU (benchmarks/RESULTS.md, session 18; forward
 // + backward, batch 4, 112 px; peak against nn.Conv2d's, time of the second order / the first):
 // 64->128 3x3 stride 2 NCHW +9% -> +0%, 1x1 projections 64->128 +4..13% -> +0% and 128->256
-// +28..59% -> +0..44% (a 1x1 analytic slice packs 6 AKPs against 1 weight), 1.00-1.07x the time;
+// +28..59% -> +0..44% (a 1x1 analytic slice packs 6 AKPs against 1 weight), 0.93-1.07x the time;
 // oneDNN's strided grad_input peaks highest (an NCHW result is copied twice: three input-sized
 // blocks). Where W is larger than the input the weight gradient's convolution peaks higher and the
 // synthesis pass costs most (256->512 3x3 at 7 px: -2% -> +0%, 1.02-1.07x the time); at stride 1
