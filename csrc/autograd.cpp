@@ -6,7 +6,8 @@
 // synthesize / acl_conv2d save their inputs only, never W, and their backward recomputes W inside
 // the backward op (SPEC §7). Gradients are computed only for the inputs that need them, and an
 // output a backward op skipped (an empty [0] tensor) reaches autograd as undefined (None).
-// The backward ops are differentiable in turn (double backward), through composite ops.
+// A backward that records a graph (create_graph=True) runs as differentiable steps instead, which
+// makes it differentiable in turn (double backward, and higher orders).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -115,10 +116,12 @@ class AclConv2dFunction : public torch::autograd::Function<AclConv2dFunction> {
   }
 };
 
-// The backward ops, recorded only when a backward builds a graph (create_graph=True). Their own
-// backward (double backward) is the *_double_backward composite ops, implemented in Python
-// (acl_fused/backends/double_backward.py): second derivatives of the families come from the
-// reference formulas there, the convolutions from torch; they are rare next to training steps.
+// synthesize_backward, recorded only when a backward builds a graph (create_graph=True; the
+// recorded acl_conv2d_backward below is made of it, synthesize and ATen's convolution_backward).
+// Its own backward (double backward) takes the second derivatives of the families along the
+// incoming gradients from synthesize_backward_jvp (families.h in dual numbers, csrc/dual.h), or,
+// when that backward records a graph too (third order), from the synthesize_double_backward
+// composite (acl_fused/backends/double_backward.py: autograd through the reference formulas).
 // Undefined incoming gradients stay undefined (no zeros materialised): each is a term skipped.
 class SynthesizeBackwardFunction : public torch::autograd::Function<SynthesizeBackwardFunction> {
  public:
@@ -135,52 +138,15 @@ class SynthesizeBackwardFunction : public torch::autograd::Function<SynthesizeBa
     const variable_list saved = ctx->get_saved_variables();
     const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
     if (!(mask[0] || mask[1])) return {{}, {}, {}, {}, {}};
-    auto [grad_grad_W, grad_akp] = dispatch::synthesize_double_backward(
-        optional_tensor(grad_grads[0]), optional_tensor(grad_grads[1]), saved[0], saved[1], saved[2], saved[3], mask);
+    const auto args = std::make_tuple(optional_tensor(grad_grads[0]), optional_tensor(grad_grads[1]), saved[0],
+                                      saved[1], saved[2], saved[3], mask);
+    // The kernel's one pass gives what the composite gives (tests/test_native.py), which builds and
+    // walks the reference's graph of a few hundred small ops twice: measured on the CPU
+    // (benchmarks.gradient_penalty, 64->64 3x3, its synthesis 4k slices), MEASURED_JVP.
+    auto [grad_grad_W, grad_akp] = at::GradMode::is_enabled()
+                                       ? std::apply(dispatch::synthesize_double_backward, args)
+                                       : std::apply(dispatch::synthesize_backward_jvp, args);
     return {grad_if(mask[0], grad_grad_W), grad_if(mask[1], grad_akp), {}, {}, {}};
-  }
-};
-
-class AclConv2dBackwardFunction : public torch::autograd::Function<AclConv2dBackwardFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& input,
-                               const at::Tensor& akp, const std::optional<at::Tensor>& weight,
-                               const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
-                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups, std::array<bool, 4> output_mask) {
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({grad_output, input, akp, weight.value_or(at::Tensor()), family, row});
-    ctx->saved_data["kernel_size"] = kernel_size;
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_input, grad_akp, grad_weight, grad_bias] = dispatch::acl_conv2d_backward(
-        grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups, output_mask);
-    return {grad_input, grad_akp, grad_weight, grad_bias};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& weight = saved[3];
-    // needs_input_grad counts tensor arguments only: (grad_output, input, akp, [weight], family, row).
-    const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
-                                   weight.defined() && ctx->needs_input_grad(3)};
-    const variable_list none(12);
-    if (!(mask[0] || mask[1] || mask[2] || mask[3])) return none;
-    auto& data = ctx->saved_data;
-    auto [grad_grad_output, grad_input, grad_akp, grad_weight] = dispatch::acl_conv2d_double_backward(
-        optional_tensor(grad_grads[0]), optional_tensor(grad_grads[1]), optional_tensor(grad_grads[2]),
-        optional_tensor(grad_grads[3]), saved[0], saved[1], saved[2], optional_tensor(weight), saved[4], saved[5],
-        data["kernel_size"].toIntVector(), data["stride"].toIntVector(), data["padding"].toIntVector(),
-        data["dilation"].toIntVector(), data["groups"].toInt(), mask);
-    variable_list grads = none;
-    grads[0] = grad_if(mask[0], grad_grad_output);
-    grads[1] = grad_if(mask[1], grad_input);
-    grads[2] = grad_if(mask[2], grad_akp);
-    grads[3] = grad_if(mask[3], grad_weight);
-    return grads;
   }
 };
 
@@ -223,9 +189,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward_a
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, std::array<bool, 4> output_mask) {
   if (records_graph(grad_output, input, akp, weight)) {
-    const variable_list grads = AclConv2dBackwardFunction::apply(
-        grad_output, input, akp, weight, family, row, kernel_size, stride, padding, dilation, groups, output_mask);
-    return {grads[0], grads[1], grads[2], grads[3]};
+    // A backward that builds a graph takes its steps as differentiable ops, recorded one by one:
+    // synthesize (through the dispatcher), ATen's convolution_backward and synthesize_backward
+    // (DispatchedSynthesis: no CPU buffers, nothing written in place). Their own backwards then
+    // make the double backward (the convolution's, ATen's), and the weight gradient, which it
+    // needs, is not computed a second time.
+    return acl_conv2d_backward<DispatchedSynthesis>(grad_output, input, akp, weight, family, row, kernel_size,
+                                                    stride, padding, dilation, groups, output_mask);
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return dispatch::acl_conv2d_backward(grad_output, input, akp, weight, family, row, kernel_size, stride, padding,

@@ -31,10 +31,11 @@
 // 3x3 Gabor 17.3 -> 15.6, LoG 8.7 -> 8.0, TGD2 12.3 -> 10.9; 1x1 Gabor 7.5 -> 6.0, LoG 3.9 -> 2.9,
 // TGD2 5.7 -> 3.9; all-analytic 1x1 synthesize_backward (2 threads) 0.28-0.36 -> 0.23-0.24 ms.
 // T is the compute type: float (float32 and, for half / bfloat16 parameters, their float32
-// synthesis), double, or a SIMD vector of floats holding one slice per lane (the CPU kernels'
+// synthesis), double, a SIMD vector of floats holding one slice per lane (the CPU kernels'
 // at::vec::Vectorized<float>: every slice of an output channel has the channel's family, so
-// neighbouring slices run the same code on their own AKPs). The formulas use only arithmetic
-// and the math:: functions below, so the same text serves all three.
+// neighbouring slices run the same code on their own AKPs), or a dual number of float or double
+// (dual.h: second derivatives, for double backward). The formulas use only arithmetic and the
+// math:: functions below, so the same text serves all of them.
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -70,21 +71,21 @@ C10_HOST_DEVICE inline double if_positive(double u, double v) { return u > 0.0 ?
 C10_HOST_DEVICE inline float relu(float u) { return u <= 0.f ? 0.f : u; }
 C10_HOST_DEVICE inline double relu(double u) { return u <= 0.0 ? 0.0 : u; }
 
-// SIMD vectors (host only): any type with at::vec::Vectorized's interface. Overload resolution
-// prefers the exact float / double functions above for scalars.
+// Any other compute type with at::vec::Vectorized's interface: SIMD vectors (host only) and dual
+// numbers (dual.h). Overload resolution prefers the exact float / double functions above for scalars.
 template <typename V>
-inline V exp(const V& v) { return v.exp(); }
+C10_HOST_DEVICE inline V exp(const V& v) { return v.exp(); }
 template <typename V>
-inline void sincos(const V& v, V& s, V& c) {
+C10_HOST_DEVICE inline void sincos(const V& v, V& s, V& c) {
   s = v.sin();
   c = v.cos();
 }
 template <typename V>
-inline V sqrt(const V& v) { return v.sqrt(); }
+C10_HOST_DEVICE inline V sqrt(const V& v) { return v.sqrt(); }
 template <typename V>
-inline V if_positive(const V& u, const V& v) { return V::blendv(V(0), v, u > V(0)); }
+C10_HOST_DEVICE inline V if_positive(const V& u, const V& v) { return V::blendv(V(0), v, u > V(0)); }
 template <typename V>
-inline V relu(const V& u) { return V::blendv(u, V(0), u <= V(0)); }
+C10_HOST_DEVICE inline V relu(const V& u) { return V::blendv(u, V(0), u <= V(0)); }
 
 // Whether a comparison holds: for a scalar, its bool; for a SIMD mask (all bits set where it holds,
 // +0 where not), in every lane.

@@ -38,16 +38,20 @@ TORCH_LIBRARY(acl_fused, m) {
   m.def("acl_conv2d_backward(Tensor grad_output, Tensor input, Tensor akp, Tensor? weight, Tensor family, "
         "Tensor row, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
         "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_akp, Tensor grad_weight, Tensor grad_bias)");
-  // Double backward (csrc/autograd.cpp): the gradients w.r.t. the backward ops' inputs (those in
-  // output_mask; the others are empty tensors [0]) of a loss whose gradients w.r.t. their outputs
-  // are the grad_grad_* (None: not used). Composite ops implemented in Python
-  // (acl_fused/backends/double_backward.py, registered by acl_fused/backends/native.py).
+  // Double backward of synthesize_backward (csrc/autograd.cpp): the gradients w.r.t. (grad_W, akp)
+  // (those in output_mask; the others are empty tensors [0]) of a loss whose gradients w.r.t. its
+  // outputs are the grad_grad_* (None: not used). A composite op implemented in Python
+  // (acl_fused/backends/double_backward.py, registered by acl_fused/backends/native.py),
+  // differentiable again (third and higher orders).
   m.def("synthesize_double_backward(Tensor? grad_grad_akp, Tensor? grad_grad_weight, Tensor grad_W, Tensor akp, "
         "Tensor family, Tensor row, bool[2] output_mask) -> (Tensor grad_grad_W, Tensor grad_akp)");
-  m.def("acl_conv2d_double_backward(Tensor? grad_grad_input, Tensor? grad_grad_akp, Tensor? grad_grad_weight, "
-        "Tensor? grad_grad_bias, Tensor grad_output, Tensor input, Tensor akp, Tensor? weight, Tensor family, "
-        "Tensor row, int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
-        "bool[4] output_mask) -> (Tensor grad_grad_output, Tensor grad_input, Tensor grad_akp, Tensor grad_weight)");
+  // The tangents of synthesize's W and of synthesize_backward's grad_akp (grad_W held fixed) along
+  // (akp_tangent, weight_tangent) (None: zero), in grad_W's and akp's dtype; not asked for in
+  // output_mask: empty [0]. The second derivatives being symmetric, these are exactly
+  // synthesize_double_backward's (grad_grad_W, grad_akp) for (grad_grad_akp, grad_grad_weight) =
+  // the tangents: what it runs where nothing records a graph (csrc/autograd.cpp). Not differentiable.
+  m.def("synthesize_backward_jvp(Tensor? akp_tangent, Tensor? weight_tangent, Tensor grad_W, Tensor akp, "
+        "Tensor family, Tensor row, bool[2] output_mask) -> (Tensor W_tangent, Tensor grad_akp_tangent)");
 }
 
 namespace acl_fused {
@@ -121,6 +125,19 @@ SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at
   return {c_out, akp.size(1), grad_W.size(2), grad_W.size(3), akp.size(0), c_out - akp.size(0)};
 }
 
+void check_synthesize_backward_jvp_tangents(const std::optional<at::Tensor>& akp_tangent,
+                                            const std::optional<at::Tensor>& weight_tangent, const at::Tensor& akp,
+                                            const SynthesisShape& shape) {
+  const auto check = [&](const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef sizes) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->sizes() == sizes && is_float_type(t->scalar_type()) && t->device() == akp.device(),
+                "acl_fused: ", name, " must be a floating-point tensor of shape ", sizes, " on ", akp.device(),
+                ", got ", t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
+  };
+  check(akp_tangent, "akp_tangent", akp.sizes());
+  check(weight_tangent, "weight_tangent", {shape.num_plain, shape.cg, shape.kh, shape.kw});
+}
+
 void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape) {
   const at::Tensor f = family.contiguous(), r = row.contiguous();
   const int* codes = f.data_ptr<int>();
@@ -189,16 +206,13 @@ std::tuple<at::Tensor, at::Tensor> synthesize_double_backward(const std::optiona
   return op.call(grad_grad_akp, grad_grad_weight, grad_W, akp, family, row, output_mask);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_double_backward(
-    const std::optional<at::Tensor>& grad_grad_input, const std::optional<at::Tensor>& grad_grad_akp,
-    const std::optional<at::Tensor>& grad_grad_weight, const std::optional<at::Tensor>& grad_grad_bias,
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
-    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
-    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, std::array<bool, 4> output_mask) {
-  static const auto op = typed_op<decltype(acl_conv2d_double_backward)>("acl_fused::acl_conv2d_double_backward");
-  return op.call(grad_grad_input, grad_grad_akp, grad_grad_weight, grad_grad_bias, grad_output, input, akp, weight,
-                 family, row, kernel_size, stride, padding, dilation, groups, output_mask);
+std::tuple<at::Tensor, at::Tensor> synthesize_backward_jvp(const std::optional<at::Tensor>& akp_tangent,
+                                                           const std::optional<at::Tensor>& weight_tangent,
+                                                           const at::Tensor& grad_W, const at::Tensor& akp,
+                                                           const at::Tensor& family, const at::Tensor& row,
+                                                           std::array<bool, 2> output_mask) {
+  static const auto op = typed_op<decltype(synthesize_backward_jvp)>("acl_fused::synthesize_backward_jvp");
+  return op.call(akp_tangent, weight_tangent, grad_W, akp, family, row, output_mask);
 }
 
 }  // namespace dispatch

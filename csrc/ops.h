@@ -24,6 +24,10 @@ SynthesisShape check_synthesize_args(const at::Tensor& akp, const std::optional<
 // Same for acl_fused::synthesize_backward.
 SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at::Tensor& akp,
                                               const at::Tensor& family, const at::Tensor& row);
+// The tangents of acl_fused::synthesize_backward_jvp: akp's shape, weight's [P, Cg, kH, kW].
+void check_synthesize_backward_jvp_tangents(const std::optional<at::Tensor>& akp_tangent,
+                                            const std::optional<at::Tensor>& weight_tangent, const at::Tensor& akp,
+                                            const SynthesisShape& shape);
 // Family codes in range and rows inside akp / weight. Reads the values: host tensors only (on
 // CUDA the kernels assert instead, so that no call synchronises).
 void check_layout_values(const at::Tensor& family, const at::Tensor& row, const SynthesisShape& shape);
@@ -100,13 +104,11 @@ std::tuple<at::Tensor, at::Tensor> synthesize_double_backward(const std::optiona
                                                               const at::Tensor& grad_W, const at::Tensor& akp,
                                                               const at::Tensor& family, const at::Tensor& row,
                                                               std::array<bool, 2> output_mask);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_double_backward(
-    const std::optional<at::Tensor>& grad_grad_input, const std::optional<at::Tensor>& grad_grad_akp,
-    const std::optional<at::Tensor>& grad_grad_weight, const std::optional<at::Tensor>& grad_grad_bias,
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& akp,
-    const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
-    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, std::array<bool, 4> output_mask);
+std::tuple<at::Tensor, at::Tensor> synthesize_backward_jvp(const std::optional<at::Tensor>& akp_tangent,
+                                                           const std::optional<at::Tensor>& weight_tangent,
+                                                           const at::Tensor& grad_W, const at::Tensor& akp,
+                                                           const at::Tensor& family, const at::Tensor& row,
+                                                           std::array<bool, 2> output_mask);
 }  // namespace dispatch
 
 }  // namespace acl_fused

@@ -9,6 +9,7 @@ draws combinations of these features at random, from fixed seeds.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -202,6 +203,22 @@ def test_input_memory_layouts(name, layout_of_input):
             expected.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_strided_bias_is_read_by_its_strides(name):
+    """A bias that is a strided view (every other element of a tensor) gives the reference's output
+    and gradient."""
+    case = Case("bias", MOSAIC, 3, (3, 3), conv=dict(padding=1))
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
+    strided = torch.stack([bias, -bias], dim=-1)[:, 0].requires_grad_()
+    assert not strided.is_contiguous()
+    y = acl_conv2d(x, akp, weight, layout, strided, backend=name, **case.conv)
+    y_ref = acl_conv2d(x, akp, weight, layout, bias, backend="reference", **case.conv)
+    assert rel_err(y, y_ref) <= TOL[torch.float64]
+    (grad,) = torch.autograd.grad(y.square().sum(), strided)
+    assert rel_err(grad, 2 * y_ref.sum((0, 2, 3))) <= TOL[torch.float64]
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_input_gradient_of_asymmetric_padding_is_laid_out_as_f_conv2d_gives_it(name, memory_format):
@@ -391,6 +408,31 @@ def test_gradient_penalty_matches_reference(name, penalised):
                                x0, ConvArgs.make(2)))
     for got, want in zip(penalty_grads(name), penalty_grads("reference")):
         assert rel_err(got, want) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("akps", ["nan-amplitude", "overflowing-wavelength"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_plain_weight_penalty_ignores_the_akps(name, akps):
+    """A penalty on the plain weights' gradient does not depend on the AKPs (which want no
+    gradient): an analytic channel whose AKPs are NaN, or overflow (lambda = exp(1000)) where its
+    kernel stays finite, leaves the penalty's derivative in x finite, the reference's."""
+    gabor = [math.nan, 0.3, 0.2, 0.0, 1.0, 0.4] if akps == "nan-amplitude" else [0.5, 0.3, 0.2, 0.0, 1000.0, 0.4]
+    akp = torch.tensor([[gabor, gabor]], dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(2)
+    weight0 = torch.randn(1, 2, 3, 3, dtype=torch.float64, device=DEVICE)
+    x0 = torch.randn(1, 2, 6, 5, dtype=torch.float64, device=DEVICE)
+    layout = as_layout([F_.PLAIN, F_.GABOR])
+    require(name, make_problem(akp, layout, (3, 3), x0, ConvArgs.make(padding=1)))
+    grad_y = torch.randn(1, 2, 6, 5, dtype=torch.float64, device=DEVICE)  # independent of y, NaN there
+
+    def penalty_grad(backend: str) -> torch.Tensor:
+        x, weight = x0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        y = acl_conv2d(x, akp, weight, layout, padding=1, backend=backend)
+        (grad_weight,) = torch.autograd.grad(y, weight, grad_y, create_graph=True)
+        return torch.autograd.grad(grad_weight.square().sum(), x)[0]
+
+    got, want = penalty_grad(name), penalty_grad("reference")
+    assert want.isfinite().all() and rel_err(got, want) <= TOL[torch.float64]
 
 
 @pytest.mark.parametrize("name", BACKENDS)

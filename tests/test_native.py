@@ -7,7 +7,8 @@ their remainders, their fallback, wide AKP ranges and NaN, and the AVX2 object's
 split of a slice over CUDA lanes (on the host); half / bfloat16 computed in
 float32 and rounded once; output masks; argument checks; torch.library.opcheck on every op;
 the C++ autograd (csrc/autograd.cpp): what it saves, the gradients it asks for, None for the rest;
-double backward's recording, third order and row check; the why-not reasons (extension
+double backward's recording, its dual-number kernel against the composite, third order and row
+check; the why-not reasons (extension
 missing, built without CUDA, dtype); torch.compile; and, on a GPU, CUDA against CPU.
 """
 from __future__ import annotations
@@ -472,6 +473,9 @@ def test_opcheck_every_op(extension, sample):
     grad_w = torch.randn(len(codes), cg, *kernel_size, dtype=dtype)
     for mask in ([True, True], [False, True]):
         torch.library.opcheck(ops.synthesize_backward.default, (grad_w, akp, family, row, mask))
+        torch.library.opcheck(ops.synthesize_backward_jvp.default,
+                              (torch.randn_like(akp), weight if weight is None else torch.randn_like(weight), grad_w,
+                               akp, family, row, mask))
     y = ops.acl_conv2d(x, akp, weight, family, row, bias, *conv_args)
     for mask in ([True, True, weight is not None, with_bias], [False, True, False, False],
                  [False, False, weight is not None, False]):
@@ -800,7 +804,8 @@ def test_gradients_only_where_needed(extension, wants, with_weight_and_bias):
 
 def test_first_order_backward_records_no_graph_and_create_graph_does(extension):
     """A plain backward runs the backward op below autograd (nothing saved for a second
-    derivative); create_graph=True records it, to be differentiated by the double-backward ops."""
+    derivative); create_graph=True records its steps as differentiable ops (the AKP gradient from
+    synthesize_backward, whose own backward is the double-backward op)."""
     akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
     akp.requires_grad_()
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
@@ -808,7 +813,7 @@ def test_first_order_backward_records_no_graph_and_create_graph_does(extension):
     (g,) = torch.autograd.grad(y.square().sum(), akp, retain_graph=True)
     assert g.grad_fn is None
     (g,) = torch.autograd.grad(y.square().sum(), akp, create_graph=True)
-    assert g.grad_fn.name().endswith("AclConv2dBackwardFunction>")
+    assert g.grad_fn.name().endswith("SynthesizeBackwardFunction>")
 
 
 def test_third_order_gradgradcheck_float64(extension):
@@ -827,18 +832,120 @@ def test_third_order_gradgradcheck_float64(extension):
     assert torch.autograd.gradgradcheck(gradients, leaves, eps=1e-6, atol=1e-6)
 
 
-def test_double_backward_needs_the_layouts_own_row_map(extension):
-    """The raw ops take any one-to-one row map; their double backward rebuilds the Layout from
-    family, so a map other than the layout's is refused by name instead of mixing rows up."""
+def test_double_backward_takes_any_row_map_and_third_order_the_layouts(extension):
+    """The raw ops take any one-to-one row map, and so does double backward's kernel. The composite
+    that a recorded double backward (third order) runs rebuilds the Layout from family, so there a
+    map other than the layout's is refused by name instead of mixing rows up."""
     akp, weight, layout = make_inputs([F_.GABOR, F_.LOG, F_.PLAIN], 2, (3, 3))
-    akp.requires_grad_()
-    idx = layout.tensors("cpu")
-    swapped = idx["row_i32"].clone()
+    family, row = layout_args(layout)
+    swapped = row.clone()
     swapped[:2] = swapped[:2].flip(0)  # the two analytic channels exchange their akp rows
-    w = torch.ops.acl_fused.synthesize(akp, weight, idx["family_i32"], swapped, [3, 3])
-    (g,) = torch.autograd.grad(w.square().sum(), akp, create_graph=True)
+
+    def second_order(akp, row, create_graph=False):
+        akp = akp.detach().requires_grad_()
+        w = ops.synthesize(akp, weight, family, row, [3, 3])
+        (g,) = torch.autograd.grad(w.pow(3).sum(), akp, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), akp, create_graph=create_graph)[0]
+
+    assert rel_err(second_order(akp, swapped), second_order(akp.flip(0), row).flip(0)) <= 1e-14
     with pytest.raises(ValueError, match="double backward needs row = the layout's row"):
-        g.sum().backward()
+        second_order(akp, swapped, create_graph=True)
+
+
+# -- double backward's kernel: synthesize_backward_jvp ------------------------------------------
+def composite_double_backward(gg_akp, gg_weight, grad_w, akp, layout, mask=(True, True)):
+    """synthesize_double_backward, the composite op (autograd through the reference formulas)."""
+    return ops.synthesize_double_backward(gg_akp, gg_weight, grad_w, akp, *layout_args(layout, akp.device),
+                                          list(mask))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("kernel_size", [(1, 1), (2, 3), (3, 3), (5, 4)], ids=str)
+def test_synthesize_backward_jvp_is_synthesis_double_backward(extension, request, kernel_size, device):
+    """synthesize_backward_jvp (families.h's pass in dual numbers, csrc/dual.h), what double backward
+    runs where nothing records a graph, gives synthesize_double_backward's results (the composite's:
+    autograd twice through the reference formulas) for every family: float64 to round-off, float32
+    within TOL of the float64 composite, each tangent given or None, each output alone."""
+    if device == "cuda":
+        request.getfixturevalue("cuda_kernels")
+    akp, weight, layout = make_inputs(MOSAIC * 2, 3, kernel_size, device=device)
+    torch.manual_seed(8)
+    grad_w = torch.randn(layout.out_channels, 3, *kernel_size, dtype=torch.float64, device=device)
+    gg_akp, gg_weight = torch.randn_like(akp), torch.randn_like(weight)
+    family, row = layout_args(layout, device)
+    for tangents in ((gg_akp, gg_weight), (gg_akp, None), (None, gg_weight)):
+        want = composite_double_backward(*tangents, grad_w, akp, layout)
+        got = ops.synthesize_backward_jvp(*tangents, grad_w, akp, family, row, [True, True])
+        for g, w, name in zip(got, want, ("W", "akp")):
+            assert g.dtype == torch.float64 and rel_err(g, w) <= 1e-13, name
+        got32 = ops.synthesize_backward_jvp(*(None if t is None else t.float() for t in tangents), grad_w.float(),
+                                            akp.float(), family, row, [True, True])
+        for g, w, name in zip(got32, want, ("W", "akp")):
+            assert g.dtype == torch.float32 and rel_err(g, w) <= TOL[torch.float32], name
+    for mask, kept in (([True, False], 0), ([False, True], 1)):
+        got = ops.synthesize_backward_jvp(gg_akp, gg_weight, grad_w, akp, family, row, mask)
+        want = composite_double_backward(gg_akp, gg_weight, grad_w, akp, layout)
+        assert got[1 - kept].shape == (0,) and rel_err(got[kept], want[kept]) <= 1e-13
+
+
+def test_synthesize_backward_jvp_keeps_nan_where_the_composite_has_it(extension):
+    """NaN amplitudes and scales: NaN wherever the composite has NaN, more only in slices with a NaN
+    AKP (dual numbers multiply a NaN by a zero tangent where autograd has no term: Mean's a / kk),
+    and the composite's values elsewhere (wide AKP ranges, 3x3 and 1x1, whose tame slices take
+    stand-in constants)."""
+    codes = ANALYTIC * 2
+    torch.manual_seed(9)
+    akp = wide_range_akps(codes, 16)
+    for r, f in enumerate(codes):
+        akp[r, 3, 0] = math.nan
+        if "s_sigma" in AKP_NAMES[f]:
+            akp[r, 9, AKP_NAMES[f].index("s_sigma")] = math.nan
+    layout = Layout([int(f) for f in codes])
+    for kernel_size in ((3, 3), (1, 1)):
+        grad_w = torch.randn(len(codes), 16, *kernel_size, dtype=torch.float64)
+        gg_akp = torch.randn_like(akp)
+        want = composite_double_backward(gg_akp, None, grad_w, akp, layout)
+        got = ops.synthesize_backward_jvp(gg_akp, None, grad_w, akp, *layout_args(layout), [True, True])
+        nan_slices = torch.isnan(akp).any(2)  # [A, 16]
+        for g, w in zip(got, want):
+            nan, extra = torch.isnan(w), torch.isnan(g) & ~torch.isnan(w)
+            assert nan.any() and torch.isnan(g[nan]).all()
+            assert not (extra.flatten(2).any(2) & ~nan_slices).any()
+            assert rel_err(g[~nan & ~extra], w[~nan & ~extra]) <= 1e-12
+
+
+def test_synthesize_backward_jvp_checks_its_tangents(extension):
+    akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
+    family, row = layout_args(layout)
+    grad_w = torch.randn(len(MOSAIC), 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"akp_tangent must be a floating-point tensor of shape \[8, 2, 6\]"):
+        ops.synthesize_backward_jvp(akp[:, :1], None, grad_w, akp, family, row, [True, True])
+    with pytest.raises(RuntimeError, match=r"weight_tangent must be a floating-point tensor of shape \[3, 2, 3, 3\]"):
+        ops.synthesize_backward_jvp(None, weight[:, :, :2], grad_w, akp, family, row, [True, True])
+    with pytest.raises(RuntimeError, match="weight_tangent must be a floating-point tensor"):
+        ops.synthesize_backward_jvp(None, weight.int(), grad_w, akp, family, row, [True, True])
+
+
+def test_double_backward_takes_the_jvp_kernel_unless_it_records_a_graph(extension):
+    """A gradient penalty's backward records nothing: synthesis's second derivatives come from
+    synthesize_backward_jvp. Third order records the double backward: the composite, differentiable
+    again, runs instead."""
+    akp, weight, layout = make_inputs(MOSAIC, 2, (3, 3))
+    akp.requires_grad_()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def ops_run(third_order: bool) -> set[str]:
+        y = native.conv2d(x, akp, weight, layout, None, ConvArgs.make(padding=1), (3, 3))
+        (g,) = torch.autograd.grad(y.pow(3).sum(), akp, create_graph=True)
+        with torch.profiler.profile() as prof:
+            (gg,) = torch.autograd.grad(g.square().sum(), akp, create_graph=third_order)
+            if third_order:
+                gg.sum().backward()
+        return {e.name for e in prof.events()}
+
+    names = ops_run(third_order=False)
+    assert "acl_fused::synthesize_backward_jvp" in names and "acl_fused::synthesize_double_backward" not in names
+    assert "acl_fused::synthesize_double_backward" in ops_run(third_order=True)
 
 
 # -- why_not reasons ----------------------------------------------------------------------------

@@ -15,13 +15,15 @@ Ops (schemas in csrc/ops.cpp; ``family`` / ``row`` are a Layout's int32 [C_out] 
 This module loads the extension and gives every op a fake kernel (torch.compile, meta tensors).
 Autograd is C++ (csrc/autograd.cpp, the Autograd key): ``synthesize`` / ``acl_conv2d`` save
 (input, akp, weight) only and recompute W in the backward; forward-mode AD is refused with a clear
-error. Double backward runs two composite ops this module implements (double_backward.py):
+error. A backward that records a graph (create_graph) runs as differentiable steps (synthesize,
+ATen's convolution_backward, synthesize_backward); synthesize_backward's own backward (double
+backward) is one pass of the kernels' formulas in dual numbers, or, when it records a graph too
+(third order), a composite op this module implements (double_backward.py):
 
+    synthesize_backward_jvp(akp_tangent?, weight_tangent?, grad_W, akp, family, row, output_mask[2])
+        -> (W_tangent, grad_akp_tangent)                           = double backward's (grad_grad_W, grad_akp)
     synthesize_double_backward(gg_akp?, gg_weight?, grad_W, akp, family, row, output_mask[2])
-        -> (grad_grad_W, grad_akp)
-    acl_conv2d_double_backward(gg_input?, gg_akp?, gg_weight?, gg_bias?, grad_output, input, akp, weight,
-                               family, row, kernel_size, stride, padding, dilation, groups, output_mask[4])
-        -> (grad_grad_output, grad_input, grad_akp, grad_weight)
+        -> (grad_grad_W, grad_akp)                                 autograd through the reference
 """
 from __future__ import annotations
 
@@ -134,6 +136,11 @@ def _fake_synthesize_backward(grad_W, akp, family, row, output_mask):
     return grad_akp, grad_weight
 
 
+def _fake_synthesize_backward_jvp(akp_tangent, weight_tangent, grad_W, akp, family, row, output_mask):
+    return (grad_W.new_empty(grad_W.shape if output_mask[0] else (0,)),
+            akp.new_empty(akp.shape if output_mask[1] else (0,)))
+
+
 def _fake_acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups):
     w = input.new_empty(_w_shape(akp.shape, family.shape, kernel_size))
     x, symmetric = library_conv.pad_unequal_sides(input, padding)
@@ -164,6 +171,7 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
 
 def _register_fake_kernels() -> None:
     for name, fake in (("synthesize", _fake_synthesize), ("synthesize_backward", _fake_synthesize_backward),
+                       ("synthesize_backward_jvp", _fake_synthesize_backward_jvp),
                        ("acl_conv2d", _fake_acl_conv2d), ("acl_conv2d_backward", _fake_acl_conv2d_backward)):
         torch.library.register_fake("acl_fused::" + name, fake)
 
@@ -196,7 +204,7 @@ def _register_flop_formulas() -> None:
             flop_counter.register_flop_formula(op)(formula)
 
 
-# -- double backward: the composite ops csrc/autograd.cpp calls to differentiate the backward ops
+# -- double backward: the composite op csrc/autograd.cpp calls where a double backward records a graph
 def _layout_of(family: torch.Tensor, row: torch.Tensor) -> Layout:
     """The Layout whose family_i32 / row_i32 these are (read on the host: double backward only)."""
     layout = Layout(family.tolist())
@@ -217,23 +225,10 @@ def _synthesize_double_backward(gg_akp, gg_weight, grad_W, akp, family, row, out
     return _or_empty(grads, akp)
 
 
-def _acl_conv2d_double_backward(gg_input, gg_akp, gg_weight, gg_bias, grad_output, input, akp, weight, family, row,
-                                kernel_size, stride, padding, dilation, groups, output_mask):
-    def synthesize(a: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
-        return torch.ops.acl_fused.synthesize(a, w, family, row, kernel_size)
-
-    grads = double_backward.conv2d_double_backward(
-        synthesize, grad_output, input, akp, weight, _layout_of(family, row), tuple(kernel_size), stride, padding,
-        dilation, groups, gg_input, gg_akp, gg_weight, gg_bias, output_mask)
-    return _or_empty(grads, akp)
-
-
 def _register_double_backward() -> None:
-    for name, impl in (("synthesize_double_backward", _synthesize_double_backward),
-                       ("acl_conv2d_double_backward", _acl_conv2d_double_backward)):
-        qualname = "acl_fused::" + name
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeImplicitAutograd"):  # reload
-            torch.library.impl(qualname, "CompositeImplicitAutograd", impl)
+    qualname = "acl_fused::synthesize_double_backward"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeImplicitAutograd"):  # reload
+        torch.library.impl(qualname, "CompositeImplicitAutograd", _synthesize_double_backward)
 
 
 if EXTENSION_ERROR is None:

@@ -441,7 +441,7 @@ def _forward(x: torch.Tensor, ops: _Operands, bias: Optional[torch.Tensor], out_
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(ops.cog, meta["BLOCK_N"]), ops.groups
 
     _conv_forward_kernel[grid](
-        x, ops.akp, ops.weight, y if bias is None else bias, ops.family, ops.row, y,
+        x, ops.akp, ops.weight, y if bias is None else bias.contiguous(), ops.family, ops.row, y,  # bias[o] at o
         m, ops.cg, ops.cog, h, w, ho, wo,
         *x.stride(), *ops.akp_strides, *ops.weight_strides, *y.stride(), *ops.geometry,
         KH=ops.kh, KW=ops.kw, HAS_PLAIN=ops.has_plain, HAS_ANALYTIC=ops.has_analytic, HAS_BIAS=bias is not None,
@@ -524,21 +524,20 @@ class TritonACLConv2d(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, akp, weight = ctx.saved_tensors
         layout, kernel_size = ctx.layout, ctx.kernel_size
+        if torch.is_grad_enabled():  # a graph recorded (create_graph): W materialised, differentiable steps
+            grads = double_backward.conv2d_gradients(
+                grad_y, x, akp, weight, triton_synthesis.bound_synthesis(layout, kernel_size),
+                triton_synthesis.bound_synthesis_gradients(akp, weight, layout, kernel_size), ctx.conv, kernel_size,
+                ctx.needs_input_grad)
+            return (*grads, None, None, None)
         need_x, need_akp, need_weight, need_bias = ctx.needs_input_grad[:4]
-
-        def first_order():
-            ops = _Operands(x, akp, weight, layout, ctx.conv, kernel_size)
-            grad_x = _grad_input(grad_y, x, ops) if need_x else None
-            grad_akp = grad_weight = None
-            if need_akp or need_weight:
-                grad_akp, grad_weight = _grad_params(grad_y, x, akp, weight, ops, need_akp, need_weight)
-            grad_bias = grad_y.sum((0, 2, 3)) if need_bias else None
-            return grad_x, grad_akp, grad_weight, grad_bias
-
-        grads = double_backward.conv2d_gradients(first_order, grad_y, x, akp, weight,
-                                                 triton_synthesis.bound_synthesis(layout, kernel_size), layout,
-                                                 ctx.conv, kernel_size)
-        return (*grads, None, None, None)
+        ops = _Operands(x, akp, weight, layout, ctx.conv, kernel_size)
+        grad_x = _grad_input(grad_y, x, ops) if need_x else None
+        grad_akp = grad_weight = None
+        if need_akp or need_weight:
+            grad_akp, grad_weight = _grad_params(grad_y, x, akp, weight, ops, need_akp, need_weight)
+        grad_bias = grad_y.sum((0, 2, 3)) if need_bias else None
+        return grad_x, grad_akp, grad_weight, grad_bias, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

@@ -227,12 +227,8 @@ class TritonSynthesize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):
         akp, weight = ctx.saved_tensors
-        idx = ctx.layout.tensors(akp.device)
-
-        def first_order():
-            return akp_and_weight_grads(grad_w, akp, weight, idx["family_i32"], idx["row_i32"], ctx.kernel_size,
-                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return (*double_backward.synthesis_gradients(first_order, grad_w, akp, ctx.layout), None, None)
+        gradients_of = bound_synthesis_gradients(akp, weight, ctx.layout, ctx.kernel_size)
+        return (*gradients_of(grad_w, ctx.needs_input_grad[0], ctx.needs_input_grad[1]), None, None)
 
 
 class TritonConv2d(torch.autograd.Function):
@@ -255,22 +251,9 @@ class TritonConv2d(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, akp, weight = ctx.saved_tensors
         layout, kernel_size = ctx.layout, ctx.kernel_size
-        idx = layout.tensors(akp.device)
-        need_x, need_akp, need_weight, need_bias = ctx.needs_input_grad[:4]
-        need_w = need_akp or need_weight
-
-        def first_order():
-            w = synthesize_weight(akp, weight, idx["family_i32"], idx["row_i32"], kernel_size)
-            grad_x, grad_w, grad_bias = library_conv.conv_backward(
-                grad_y, x, w, ctx.conv, kernel_size, (need_x, need_w, need_bias))
-            d_akp = d_weight = None
-            if need_w:
-                d_akp, d_weight = akp_and_weight_grads(grad_w, akp, weight, idx["family_i32"], idx["row_i32"],
-                                                       kernel_size, need_akp, need_weight)
-            return grad_x, d_akp, d_weight, grad_bias
-
-        grads = double_backward.conv2d_gradients(first_order, grad_y, x, akp, weight,
-                                                 bound_synthesis(layout, kernel_size), layout, ctx.conv, kernel_size)
+        grads = double_backward.conv2d_gradients(
+            grad_y, x, akp, weight, bound_synthesis(layout, kernel_size),
+            bound_synthesis_gradients(akp, weight, layout, kernel_size), ctx.conv, kernel_size, ctx.needs_input_grad)
         return (*grads, None, None, None)
 
 
@@ -298,8 +281,22 @@ def synthesize(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout
 
 
 def bound_synthesis(layout: Layout, kernel_size: tuple[int, int]) -> double_backward.Synthesize:
-    """:func:`synthesize` as a function of (akp, weight): the W of a double backward's terms."""
+    """:func:`synthesize` as a function of (akp, weight)."""
     return lambda akp, weight: synthesize(akp, weight, layout, kernel_size)
+
+
+def bound_synthesis_gradients(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,
+                              kernel_size: tuple[int, int]) -> double_backward.SynthesisGradients:
+    """The gradients of :func:`synthesize` (one launch) as a function of (grad_W, need_akp,
+    need_weight), differentiable when the running backward records a graph."""
+    idx = layout.tensors(akp.device)
+
+    def gradients_of(grad_w: torch.Tensor, need_akp: bool, need_weight: bool):
+        def first_order():
+            return akp_and_weight_grads(grad_w, akp, weight, idx["family_i32"], idx["row_i32"], kernel_size,
+                                        need_akp, need_weight)
+        return double_backward.synthesis_gradients(first_order, grad_w, akp, layout)
+    return gradients_of
 
 
 def conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout,

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/tile_kernels.h"
+#include "dual.h"
 #include "families.h"
 #include "ops.h"
 
@@ -322,6 +323,43 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   return akp_grads(grad_W, akp, std::nullopt, family, row, output_mask, at::Tensor());
 }
 
+std::tuple<at::Tensor, at::Tensor> synthesize_backward_jvp_cpu(const std::optional<at::Tensor>& akp_tangent,
+                                                               const std::optional<at::Tensor>& weight_tangent,
+                                                               const at::Tensor& grad_W, const at::Tensor& akp,
+                                                               const at::Tensor& family, const at::Tensor& row,
+                                                               std::array<bool, 2> output_mask) {
+  const SynthesisShape s = check_synthesize_backward_args(grad_W, akp, family, row);
+  check_layout_values(family, row, s);
+  check_synthesize_backward_jvp_tangents(akp_tangent, weight_tangent, akp, s);
+  const at::ScalarType compute = at::toOpMathType(akp.scalar_type());
+  const auto compute_copy = [&](const at::Tensor& t) {
+    return in_dtype(in_dtype(t, akp.scalar_type()), compute).contiguous();
+  };
+  const at::Tensor grad_c = compute_copy(grad_W), akp_c = compute_copy(akp);
+  const at::Tensor akp_t = akp_tangent.has_value() ? compute_copy(*akp_tangent) : at::Tensor();
+  const at::Tensor weight_t = weight_tangent.has_value() ? compute_copy(*weight_tangent) : at::Tensor();
+  const at::Tensor family_c = family.contiguous(), row_c = row.contiguous();
+  const at::TensorOptions options = akp.options().dtype(compute);
+  at::Tensor w_tangent = output_mask[0] ? at::empty({s.c_out, s.cg, s.kh, s.kw}, options) : at::empty({0}, options);
+  at::Tensor grad_akp_tangent = output_mask[1] ? at::empty_like(akp_c) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(compute, "acl_fused::synthesize_backward_jvp", [&] {
+    const auto data = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    const scalar_t *grad = grad_c.const_data_ptr<scalar_t>(), *akp_p = akp_c.const_data_ptr<scalar_t>();
+    const scalar_t *akp_t_p = data(akp_t), *weight_t_p = data(weight_t);
+    const int *family_p = family_c.const_data_ptr<int>(), *row_p = row_c.const_data_ptr<int>();
+    scalar_t* w_t = output_mask[0] ? w_tangent.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grad_akp_t = output_mask[1] ? grad_akp_tangent.mutable_data_ptr<scalar_t>() : nullptr;
+    // Double backward only: one slice at a time, no SIMD tiles.
+    at::parallel_for(0, s.slices(), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        synthesize_backward_jvp_slice<scalar_t>(s, i, family_p, row_p, grad, akp_p, akp_t_p, weight_t_p, w_t,
+                                                grad_akp_t);
+      }
+    });
+  });
+  return {in_dtype(w_tangent, grad_W.scalar_type()), in_dtype(grad_akp_tangent, akp.scalar_type())};
+}
+
 // A [C_out, Cg, kH, kW] tensor in `memory_format`, viewing the first elements of this thread's
 // reused buffer of its dtype (one as_strided: a chain of views cost a few us a call).
 at::Tensor conv_weight_buffer(at::IntArrayRef sizes, at::TensorOptions options, at::MemoryFormat memory_format) {
@@ -383,6 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CpuSynthesis::weight_and_grads(
 TORCH_LIBRARY_IMPL(acl_fused, CPU, m) {
   m.impl("synthesize", &synthesize_cpu);
   m.impl("synthesize_backward", &synthesize_backward_cpu);
+  m.impl("synthesize_backward_jvp", &synthesize_backward_jvp_cpu);
   m.impl("acl_conv2d", &acl_conv2d<CpuSynthesis>);
   m.impl("acl_conv2d_backward", &acl_conv2d_backward<CpuSynthesis>);
 }

@@ -1,4 +1,5 @@
-// CUDA kernels of acl_fused::synthesize / synthesize_backward: one launch each for the whole
+// CUDA kernels of acl_fused::synthesize / synthesize_backward (and synthesize_backward_jvp, double
+// backward's, one thread per slice): one launch each for the whole
 // mosaic (every family and the plain rows). A group of `lanes` threads (a power of two <= 32, so
 // a group never straddles a warp) owns one (o, c) slice: its lanes split the slice's mirror pairs
 // of grid points (families.h for_each_pair) and, for the AKP gradient, add their partial sums with
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "dual.h"
 #include "families.h"
 #include "ops.h"
 
@@ -125,6 +127,20 @@ __global__ void synthesize_backward_kernel(SynthesisShape s, int lanes, const sc
   }
 }
 
+// synthesize_backward_jvp: one thread per slice (double backward only: not tuned).
+template <typename scalar_t>
+__global__ void synthesize_backward_jvp_kernel(SynthesisShape s, const scalar_t* __restrict__ grad_w,
+                                               const scalar_t* __restrict__ akp, const scalar_t* akp_tangent,
+                                               const scalar_t* weight_tangent, const int* __restrict__ family,
+                                               const int* __restrict__ row, scalar_t* w_tangent,
+                                               scalar_t* grad_akp_tangent) {
+  const int64_t slice = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (slice >= s.slices()) return;
+  assert_layout(s, family[slice / s.cg], row[slice / s.cg]);
+  synthesize_backward_jvp_slice<at::opmath_type<scalar_t>>(s, slice, family, row, grad_w, akp, akp_tangent,
+                                                           weight_tangent, w_tangent, grad_akp_tangent);
+}
+
 at::Tensor synthesize_cuda(const at::Tensor& akp, const std::optional<at::Tensor>& weight, const at::Tensor& family,
                            const at::Tensor& row, at::IntArrayRef kernel_size) {
   const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
@@ -167,11 +183,47 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
   return {grad_akp, grad_weight};
 }
 
+std::tuple<at::Tensor, at::Tensor> synthesize_backward_jvp_cuda(const std::optional<at::Tensor>& akp_tangent,
+                                                                const std::optional<at::Tensor>& weight_tangent,
+                                                                const at::Tensor& grad_W, const at::Tensor& akp,
+                                                                const at::Tensor& family, const at::Tensor& row,
+                                                                std::array<bool, 2> output_mask) {
+  const SynthesisShape s = check_synthesize_backward_args(grad_W, akp, family, row);
+  check_synthesize_backward_jvp_tangents(akp_tangent, weight_tangent, akp, s);
+  const c10::cuda::CUDAGuard device_guard(akp.device());
+  const auto in_akp_dtype = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? in_dtype(*t, akp.scalar_type()).contiguous() : at::Tensor();
+  };
+  const at::Tensor grad_c = in_akp_dtype(grad_W), akp_t = in_akp_dtype(akp_tangent);
+  const at::Tensor weight_t = in_akp_dtype(weight_tangent);
+  const at::Tensor akp_c = akp.contiguous(), family_c = family.contiguous(), row_c = row.contiguous();
+  at::Tensor w_tangent =
+      output_mask[0] ? at::empty({s.c_out, s.cg, s.kh, s.kw}, akp.options()) : at::empty({0}, akp.options());
+  at::Tensor grad_akp_tangent = output_mask[1] ? at::empty_like(akp_c) : at::empty({0}, akp.options());
+  const int64_t blocks = (s.slices() + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= INT_MAX, "acl_fused: too many (output, input) channel slices for one launch: ", s.slices());
+  if (blocks > 0 && (output_mask[0] || output_mask[1])) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, akp.scalar_type(), "acl_fused::synthesize_backward_jvp",
+                                    [&] {
+      const auto data = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+      synthesize_backward_jvp_kernel<scalar_t>
+          <<<static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              s, grad_c.const_data_ptr<scalar_t>(), akp_c.const_data_ptr<scalar_t>(), data(akp_t), data(weight_t),
+              family_c.const_data_ptr<int>(), row_c.const_data_ptr<int>(),
+              output_mask[0] ? w_tangent.mutable_data_ptr<scalar_t>() : nullptr,
+              output_mask[1] ? grad_akp_tangent.mutable_data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {in_dtype(w_tangent, grad_W.scalar_type()), grad_akp_tangent};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(acl_fused, CUDA, m) {
   m.impl("synthesize", &synthesize_cuda);
   m.impl("synthesize_backward", &synthesize_backward_cuda);
+  m.impl("synthesize_backward_jvp", &synthesize_backward_jvp_cuda);
   m.impl("acl_conv2d", &acl_conv2d<DispatchedSynthesis>);
   m.impl("acl_conv2d_backward", &acl_conv2d_backward<DispatchedSynthesis>);
 }
