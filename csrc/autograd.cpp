@@ -141,11 +141,11 @@ class SynthesizeBackwardFunction : public torch::autograd::Function<SynthesizeBa
     const auto args = std::make_tuple(optional_tensor(grad_grads[0]), optional_tensor(grad_grads[1]), saved[0],
                                       saved[1], saved[2], saved[3], mask);
     // The kernel's one pass gives what the composite gives (tests/test_native.py), which builds and
-    // walks the reference's graph of a few hundred small ops twice: measured on the CPU
-    // (benchmarks.gradient_penalty, 64->64 3x3, its synthesis 4k slices), 2 threads: 0.47 ms against
-    // the composite's 20 ms (256->256: 7.2 against 64 ms). With the recorded steps above, a step
-    // penalising the input's and the parameters' gradients went from 1.53-2.20x nn.Conv2d's step
-    // to 0.94-1.09x (4 runs each, alternating, same day; the reference: 1.31-1.88x).
+    // walks the reference's graph of a few hundred small ops twice: measured on the CPU (2 threads,
+    // 64->64 3x3, default layout: 4k slices) 0.47 ms against the composite's 20 ms (256->256: 7.2
+    // against 64 ms). With the recorded steps above, a step penalising the input's and the
+    // parameters' gradients (benchmarks.gradient_penalty) went from 1.53-2.20x nn.Conv2d's step to
+    // 0.94-1.09x (4 runs each, alternating, same day; the reference: 1.31-1.88x).
     auto [grad_grad_W, grad_akp] = at::GradMode::is_enabled()
                                        ? std::apply(dispatch::synthesize_double_backward, args)
                                        : std::apply(dispatch::synthesize_backward_jvp, args);

@@ -46,8 +46,8 @@ TORCH_LIBRARY(acl_fused, m) {
   m.def("synthesize_double_backward(Tensor? grad_grad_akp, Tensor? grad_grad_weight, Tensor grad_W, Tensor akp, "
         "Tensor family, Tensor row, bool[2] output_mask) -> (Tensor grad_grad_W, Tensor grad_akp)");
   // The tangents of synthesize's W and of synthesize_backward's grad_akp (grad_W held fixed) along
-  // (akp_tangent, weight_tangent) (None: zero), in grad_W's and akp's dtype; not asked for in
-  // output_mask: empty [0]. The second derivatives being symmetric, these are exactly
+  // (akp_tangent, weight_tangent) (None: no tangent; without akp_tangent the analytic rows' are 0,
+  // whatever their AKPs), in grad_W's and akp's dtype; not asked for in output_mask: empty [0]. The second derivatives being symmetric, these are exactly
   // synthesize_double_backward's (grad_grad_W, grad_akp) for (grad_grad_akp, grad_grad_weight) =
   // the tangents: what it runs where nothing records a graph (csrc/autograd.cpp). Not differentiable.
   m.def("synthesize_backward_jvp(Tensor? akp_tangent, Tensor? weight_tangent, Tensor grad_W, Tensor akp, "
