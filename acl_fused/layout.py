@@ -77,6 +77,11 @@ class Layout:
         """
         device = torch.device(device)
         cached = self._device_cache.get(device)
+        if cached is None and not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            # Made under inference_mode they would be inference tensors, which a later training call
+            # could not save for backward: the cache outlives the mode (a checkpoint loaded under it).
+            with torch.inference_mode(False):
+                return self.tensors(device)
         if cached is None:
             order = list(self.plain_channels)
             for rows in self.family_rows.values():

@@ -15,7 +15,7 @@ from .conv_args import ConvArgs, IntOrPair, PaddingArg, pair, positive_int
 from .families import AKP_COUNT, AKP_NAMES, AKP_SLOTS, Family, pos, pos_inverse
 from .layout import Layout, LayoutSpec, describe_counts, make_layout
 from .reference import synthesize_layout
-from .validation import autocast_dtype, functorch_transforms, is_channels_last
+from .validation import autocast_dtype, functorch_transforms, suggests_channels_last
 
 #: nn.Conv2d's padding modes.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -82,6 +82,8 @@ class AnalyticConv2d(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .to_empty(): the parameters' new device
         module = super()._apply(fn, recurse)
+        if self.family.dtype != torch.int64:  # .type(dtype) casts every buffer: the codes stay integers
+            self.family = self.family.to(torch.int64)
         self._warm_layout()
         return module
 
@@ -147,8 +149,9 @@ class AnalyticConv2d(nn.Module):
             return _fx_conv2d(x, self.akp, self.weight, self.bias, self._layout.codes, self.kernel_size, c.stride,
                               c.padding, c.dilation, c.groups, self.padding_mode, self.backend)
         x, conv = _padded(x, self._conv, self.kernel_size, self.padding_mode)
-        # Traced once (no state kept between calls), or unbatched [C_in, H, W] (as nn.Conv2d takes it).
-        if torch.compiler.is_compiling() or (isinstance(x, torch.Tensor) and x.dim() == 3):
+        # Traced (no state kept between calls: torch.jit.trace's check traces again and compares), or
+        # unbatched [C_in, H, W] (as nn.Conv2d takes it).
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (isinstance(x, torch.Tensor) and x.dim() == 3):
             return functional.conv2d(x, self.akp, self.weight, self._layout, self.bias, conv,
                                      self.kernel_size, backend=self.backend)
         akp, weight, bias = self.akp, self.weight, self.bias
@@ -273,7 +276,7 @@ class AnalyticConv2d(nn.Module):
         if conv.bias is not None:
             layer.bias.requires_grad_(conv.bias.requires_grad)
         layer.train(conv.training)
-        return layer.to(memory_format=torch.channels_last) if is_channels_last(weight) else layer
+        return layer.to(memory_format=torch.channels_last) if suggests_channels_last(weight) else layer
 
     @classmethod
     def convert_from_conv2d(cls, module: nn.Module, layout: Union[LayoutSpec, Callable[[nn.Conv2d], LayoutSpec]] = None,
@@ -291,7 +294,7 @@ class AnalyticConv2d(nn.Module):
         dtype, detached from it (frozen where the layer's parameters are). For inference and export: it
         skips synthesis on every call, and any tool that knows nn.Conv2d takes it."""
         weight = self.weight
-        channels_last = weight is not None and is_channels_last(weight)
+        channels_last = weight is not None and suggests_channels_last(weight)
         with torch.no_grad():
             W = self.synthesize()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,

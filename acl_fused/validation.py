@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch._prims_common import suggest_memory_format  # ATen's rule, as torch's fake kernels use it
 
 from .conv_args import ConvArgs, pair
 from .families import AKP_SLOTS
@@ -45,10 +46,29 @@ def functorch_transforms() -> frozenset[str]:
     return frozenset(level.key().name.lower() for level in torch._C._functorch.get_interpreter_stack() or ())
 
 
-def is_channels_last(t: torch.Tensor) -> bool:
-    """Laid out channels_last and not also contiguous (a [N, C, 1, 1] tensor is both): the layout
-    that F.conv2d keeps for its output and ``.to(memory_format=torch.channels_last)`` gives."""
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """Whether ATen's ``suggest_memory_format`` reads ``t`` (4-D) as channels_last: laid out so, and
+    for a tensor that is also contiguous (a [C_out, C_in, 1, 1] weight after
+    ``.to(memory_format=torch.channels_last)``) by its strides. torch's convolutions pick their
+    layout from this of their input and weight. Under torch.jit.trace, whose sizes are traced
+    tensors, the layout flags alone decide: a tensor that is both reads as contiguous there (a
+    traced 1x1 layer moved to channels_last follows its input)."""
+    if t.dim() != 4:
+        return False
+    if torch.jit.is_tracing():
+        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return suggest_memory_format(t) == torch.channels_last
+
+
+def conv_weight_format(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.memory_format:
+    """The memory format W is synthesized in: channels_last where the input or the plain weight
+    suggests it (:func:`suggests_channels_last`), else contiguous. With W in it torch's convolution
+    lays out the output (and the input gradient) as nn.Conv2d's with that input and a weight in the
+    plain weight's format: after ``layer.to(memory_format=torch.channels_last)`` the output is
+    channels_last for a contiguous input too. A layer without plain channels follows its input."""
+    if suggests_channels_last(x) or (weight is not None and suggests_channels_last(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def autocast_enabled(device: torch.device) -> bool:

@@ -48,6 +48,17 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& akp, int64_t c_o
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, "acl_fused: stride and dilation must be pairs");
 }
 
+// The memory format W is synthesized in: channels_last where the input or the plain weight suggests
+// it. With W in it ATen's convolution lays out the output and the input gradient as nn.Conv2d's with
+// that input and a weight in the plain weight's format (as acl_fused/validation.py conv_weight_format).
+at::MemoryFormat weight_format(const at::Tensor& input, const std::optional<at::Tensor>& weight) {
+  const auto channels_last = [](const at::Tensor& t) {
+    return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  };
+  return channels_last(input) || (weight.has_value() && channels_last(*weight)) ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
 // grad_weight laid out as at::empty_like(weight) (a channels_last parameter's gradient is
 // channels_last), as autograd wants a parameter's gradient: it would copy it otherwise, and the
 // fake kernel promises this layout. The CPU kernels write it so; elsewhere this copies.
@@ -81,7 +92,10 @@ bool input_gradient_first(at::IntArrayRef stride, int64_t input_bytes, int64_t w
 at::Tensor DispatchedSynthesis::weight(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                                       const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
                                       at::MemoryFormat memory_format) {
-  return dispatch::synthesize(akp, weight, family, row, kernel_size).contiguous(memory_format);
+  // .to(), not .contiguous(): a tensor that is both contiguous and channels_last (a 1x1 kernel) must
+  // get the strides that the convolution reads as memory_format.
+  const at::Tensor w = dispatch::synthesize(akp, weight, family, row, kernel_size);
+  return w.suggest_memory_format() == memory_format ? w : w.to(w.options(), false, false, memory_format);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> DispatchedSynthesis::weight_and_grads(
@@ -110,7 +124,7 @@ at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std:
   }
   // Synthesized in the parameters' dtype (float32 for autocast), then one cast to the conv dtype.
   const at::Tensor w =
-      in_dtype(Synthesis::weight(akp, weight, family, row, kernel_size, input.suggest_memory_format()),
+      in_dtype(Synthesis::weight(akp, weight, family, row, kernel_size, weight_format(input, weight)),
                input.scalar_type());
   const PaddedInput p = pad_input(input, padding);
   return at::convolution(p.x, w, bias, stride, p.symmetric, dilation, /*transposed=*/false, {0, 0}, groups);
@@ -138,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   };
   if (!(want_input || want_w || want_bias)) return results();
   const at::ScalarType dtype = input.scalar_type();
-  const at::MemoryFormat memory_format = input.suggest_memory_format();
+  const at::MemoryFormat memory_format = weight_format(input, weight);
   const PaddedInput p = pad_input(input, padding);
   const std::vector<int64_t> bias_sizes{c_out};
   const at::Tensor grad_y = in_dtype(grad_output, dtype);

@@ -181,6 +181,29 @@ def test_batch_zero(name):
     assert torch.all(leaves[3].grad == 0)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_input_without_channels_gives_f_conv2d_s_empty_output(name):
+    """x [N, 0, H, W] (akp [A, 0, 6], weight [P, 0, kH, kW]): F.conv2d gives [N, 0, H_out, W_out]
+    (ATen's rule for no input channels) and a zero bias gradient; triton_fused, whose kernels would
+    give C_out channels, refuses it and says why."""
+    layout = as_layout(MOSAIC)
+    x, akp = torch.randn(2, 0, 5, 4, dtype=torch.float64, device=DEVICE), torch.randn(layout.num_analytic, 0, 6)
+    weight, bias = torch.randn(layout.num_plain, 0, 3, 3), torch.randn(len(MOSAIC))
+    akp, weight, bias = (t.to(dtype=torch.float64, device=DEVICE) for t in (akp, weight, bias))
+    if name == "triton_fused" and dispatch.why_not("triton", make_problem(akp, layout, (3, 3), x,
+                                                                         ConvArgs.make(padding=1))) is None:
+        with pytest.raises(BackendUnavailable, match="the input has no channels"):
+            acl_conv2d(x, akp, weight, layout, bias, padding=1, backend=name)
+        return
+    require(name, make_problem(akp, layout, (3, 3), x, ConvArgs.make(padding=1)))
+    expected = F.conv2d(x, torch.zeros(len(MOSAIC), 0, 3, 3, dtype=x.dtype, device=DEVICE), bias, padding=1)
+    leaves = [t.clone().requires_grad_() for t in (x, akp, weight, bias)]
+    y = acl_conv2d(*leaves[:3], layout, leaves[3], padding=1, backend=name)
+    assert y.shape == expected.shape == (2, 0, 5, 4)
+    grads = torch.autograd.grad(y.sum(), leaves, allow_unused=True, materialize_grads=True)
+    assert all(g.shape == t.shape for g, t in zip(grads, leaves)) and torch.all(grads[3] == 0)
+
+
 @pytest.mark.parametrize("layout_of_input", ["channels_last", "non_contiguous"])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_input_memory_layouts(name, layout_of_input):
@@ -201,6 +224,48 @@ def test_input_memory_layouts(name, layout_of_input):
                             stride=(1, 2))
         assert y.is_contiguous(memory_format=torch.channels_last) == \
             expected.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (1, 1)], ids=["3x3", "1x1"])
+@pytest.mark.parametrize("formats", [("nchw", "nhwc"), ("nhwc", "nchw"), ("nhwc", "nhwc")],
+                         ids=["weight-cl", "input-cl", "both-cl"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_output_and_input_gradient_are_laid_out_as_nn_conv2d_s(name, formats, kernel_size):
+    """The output and the input gradient have F.conv2d's strides for the input and a weight in the
+    plain weight's memory format: after ``layer.to(memory_format=torch.channels_last)`` (which makes
+    a 1x1 weight channels_last by its strides) a contiguous input gives a channels_last output, as
+    nn.Conv2d's does."""
+    case = Case("formats", MOSAIC, 4, kernel_size, hw=(7, 6), conv=dict(padding=kernel_size[0] // 2, stride=(1, 2)))
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
+    x_format, weight_format = ({"nchw": torch.contiguous_format, "nhwc": torch.channels_last}[f] for f in formats)
+    x, weight = x.to(memory_format=x_format), weight.to(memory_format=weight_format)
+    y, (grad_x, *_) = case.run(name, x, akp, weight, bias, layout)
+    y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
+    assert rel_err(y, y_ref) <= TOL[torch.float64] and rel_err(grad_x, grads_ref[0]) <= TOL[torch.float64]
+    x_leaf = x.clone().requires_grad_()
+    conv_weight = torch.randn(len(MOSAIC), 4, *kernel_size, dtype=x.dtype, device=x.device)
+    expected = F.conv2d(x_leaf, conv_weight.to(memory_format=weight_format), **case.conv)
+    (expected_grad_x,) = torch.autograd.grad(expected, x_leaf, torch.ones_like(expected))
+    assert y.stride() == expected.stride()
+    assert grad_x.stride() == expected_grad_x.stride()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_layer_runs_on_its_own_device_while_another_is_current(name):
+    """A layer on cuda:1 while cuda:0 is current: its kernels run on cuda:1 (Triton launches on the
+    current device unless the backend makes the tensors' current), and agree with the reference."""
+    case = CASES[0]
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    second = [t.to("cuda:1") for t in (x, akp, weight, bias)]
+    require(name, case.problem(second[0], second[1], layout))
+    with torch.cuda.device(0):
+        y, grads = case.run(name, *second, layout)
+        torch.cuda.synchronize(1)
+    y_ref, grads_ref = case.reference(*(t.cpu() for t in (x, akp, weight, bias)), layout)
+    assert y.device == torch.device("cuda:1") and rel_err(y.cpu(), y_ref) <= TOL[torch.float64]
+    assert all(rel_err(g.cpu(), r) <= TOL[torch.float64] for g, r in zip(grads, grads_ref))
 
 
 @pytest.mark.parametrize("name", BACKENDS)

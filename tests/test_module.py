@@ -284,6 +284,35 @@ def test_state_dict_round_trip():
     assert torch.equal(a(x), c(x))
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_layer_loaded_or_run_under_inference_mode_trains_afterwards(backend):
+    """A checkpoint loaded inside torch.inference_mode() (an evaluation script), or a first call
+    under it, then a training step: the layout's cached index tensors are made outside the mode,
+    so autograd can save them."""
+    torch.manual_seed(5)
+    saved = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    x = torch.randn(2, 3, 7, 7)
+    loaded = layer(3, 9, 3, layout=ALL_FAMILIES[::-1], padding=1, backend=backend)
+    first_call = layer(3, 9, 3, layout=[Family.LOT] * 9, padding=1, backend=backend)  # a layout of its own
+    with torch.inference_mode():
+        loaded.load_state_dict(saved.state_dict())
+        first_call(x)
+    for m in (loaded, first_call):
+        m(x).square().sum().backward()
+        assert m.akp.grad is not None and m.akp.grad.abs().sum() > 0
+    torch.testing.assert_close(loaded(x), saved(x))
+
+
+def test_type_keeps_the_family_codes_integers():
+    """nn.Module.type(dtype) casts every buffer; the family codes stay int64, so the state dict
+    still loads."""
+    m = layer(3, 9, 3, layout=ALL_FAMILIES, padding=1).type(torch.float64)
+    assert m.family.dtype == torch.int64 and m.akp.dtype == torch.float64
+    fresh = layer(3, 9, 3, layout=ALL_FAMILIES[::-1], padding=1, dtype=torch.float64)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.layout == m.layout
+
+
 def test_load_adopts_a_rearranged_layout():
     """Same numbers of analytic and plain channels, another arrangement: the parameters fit, and
     loading restores the saved layout (the family buffer is part of the saved state)."""
@@ -566,6 +595,26 @@ def test_fx_symbolic_trace_records_one_call_a_layer(backend):
     assert torch.equal(y_traced, y)
     grads_traced = torch.autograd.grad(y_traced.square().sum(), list(traced.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_traced))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_jit_trace_passes_its_check_and_gives_the_eager_output_and_gradients(backend):
+    """torch.jit.trace (with its check, which traces again and compares the graphs) of a network of
+    layers, one of them channels_last: the traced network computes what the eager one does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(perturbed(layer(3, 9, 3, padding=1, layout=ALL_FAMILIES, backend=backend)), nn.ReLU(),
+                        perturbed(layer(9, 4, (1, 2), stride=2, layout=ALL_FAMILIES[:4], backend=backend)))
+    net[2].to(memory_format=torch.channels_last)  # its output channels_last (validation.suggests_channels_last)
+    x = torch.randn(2, 3, 7, 6)
+    traced = torch.jit.trace(net, x)
+    x = torch.randn(2, 3, 7, 6)
+    y, y_traced = net(x), traced(x)
+    torch.testing.assert_close(y_traced, y)  # round-off apart: the traced graph orders some ops its own way
+    assert y_traced.stride() == y.stride()
+    grads = torch.autograd.grad(y.square().sum(), list(net.parameters()))
+    grads_traced = torch.autograd.grad(y_traced.square().sum(), list(traced.parameters()))
+    torch.testing.assert_close(grads_traced, grads)
 
 
 def test_deferred_init_fills_the_family_buffer():

@@ -436,18 +436,22 @@ def test_bad_arguments_raise_clear_errors(extension):
 
 # -- opcheck: schema, fake kernels, autograd registration, AOT dispatch ---------------------------
 def opcheck_samples():
-    """(id, codes, dtype, kernel_size, conv args, input shape, channels_last, bias)."""
+    """(id, codes, dtype, kernel_size, conv args, input shape, what is channels_last, bias)."""
     return [
-        ("mosaic-f64-same-even", MOSAIC, torch.float64, (2, 4), dict(padding="same", groups=1), (2, 3, 6, 7), False,
+        ("mosaic-f64-same-even", MOSAIC, torch.float64, (2, 4), dict(padding="same", groups=1), (2, 3, 6, 7), (),
          True),
         ("mosaic-f32-cl-groups", MOSAIC[:10], torch.float32, (3, 3), dict(padding=1, stride=2, groups=2),
-         (1, 4, 7, 6), True, True),
-        ("bf16-dilated", MOSAIC, torch.bfloat16, (3, 2), dict(padding=(2, 1), dilation=2), (2, 2, 8, 5), False,
+         (1, 4, 7, 6), ("x", "weight"), True),
+        # the layer moved to channels_last, its input not (W, and so the output, channels_last); a
+        # 1x1 weight is channels_last by its strides only
+        ("mosaic-f32-weight-cl-1x1", MOSAIC, torch.float32, (1, 1), dict(stride=2), (2, 3, 5, 4), ("weight",),
+         True),
+        ("bf16-dilated", MOSAIC, torch.bfloat16, (3, 2), dict(padding=(2, 1), dilation=2), (2, 2, 8, 5), (),
          False),
         ("no-plain", [F_.TGD1, F_.GABOR, F_.LOG], torch.float64, (3, 3), dict(padding="valid"), (1, 2, 5, 5),
-         False, True),
-        ("no-analytic", [F_.PLAIN] * 3, torch.float32, (1, 3), {}, (2, 2, 4, 4), False, True),
-        ("batch0", MOSAIC, torch.float64, (3, 3), dict(padding=1), (0, 2, 5, 5), False, True),
+         (), True),
+        ("no-analytic", [F_.PLAIN] * 3, torch.float32, (1, 3), {}, (2, 2, 4, 4), (), True),
+        ("batch0", MOSAIC, torch.float64, (3, 3), dict(padding=1), (0, 2, 5, 5), (), True),
     ]
 
 
@@ -459,9 +463,10 @@ def test_opcheck_every_op(extension, sample):
     akp, weight, layout = make_inputs(codes, cg, kernel_size, dtype=dtype)
     family, row = layout_args(layout)
     x = torch.randn(x_shape, dtype=dtype)
-    if channels_last:  # module.to(memory_format=torch.channels_last): input and plain weight
+    if "x" in channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-        weight = weight.contiguous(memory_format=torch.channels_last)
+    if "weight" in channels_last:  # as module.to(memory_format=...) makes it (a 1x1 weight restrided)
+        weight = weight.to(memory_format=torch.channels_last)
     bias = torch.randn(len(codes), dtype=dtype) if with_bias else None
     conv_args = [list(kernel_size), list(conv.stride), list(conv.explicit_padding(kernel_size)),
                  list(conv.dilation), conv.groups]

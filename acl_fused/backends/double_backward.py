@@ -38,6 +38,7 @@ import torch
 from .. import reference
 from ..conv_args import ConvArgs
 from ..layout import Layout
+from ..validation import conv_weight_format
 from . import library_conv
 
 Tensor = torch.Tensor
@@ -117,7 +118,7 @@ def conv2d_gradients(grad_y: Tensor, x: Tensor, akp: Tensor, weight: Optional[Te
     need_x, need_akp, need_weight, need_bias = needs[:4]
     need_w = need_akp or need_weight
     grad_x, grad_w, grad_bias = library_conv.conv_backward(grad_y, x, synthesize(akp, weight), conv, kernel_size,
-                                                           (need_x, need_w, need_bias))
+                                                           (need_x, need_w, need_bias), conv_weight_format(x, weight))
     grad_akp = grad_weight = None
     if need_w:
         grad_akp, grad_weight = synthesis_gradients_of(grad_w.to(akp.dtype), need_akp, need_weight)

@@ -30,9 +30,11 @@ def autocast_inputs(x: torch.Tensor, bias: Optional[torch.Tensor]
             torch.autocast(x.device.type, enabled=False))
 
 
-def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], conv: ConvArgs) -> torch.Tensor:
-    """y [N, C_out, H_out, W_out] = F.conv2d(x, w, bias, ...) in ``x.dtype``."""
-    return F.conv2d(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype),
+def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], conv: ConvArgs,
+                 w_format: torch.memory_format) -> torch.Tensor:
+    """y [N, C_out, H_out, W_out] = F.conv2d(x, w, bias, ...) in ``x.dtype``, with w in ``w_format``
+    (validation.conv_weight_format: it decides y's layout)."""
+    return F.conv2d(x, w.to(x.dtype, memory_format=w_format), None if bias is None else bias.to(x.dtype),
                     conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -48,7 +50,7 @@ def pad_unequal_sides(x: torch.Tensor, padding: Sequence[int]) -> tuple[torch.Te
 
 
 def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: ConvArgs,
-                  kernel_size: tuple[int, int], output_mask: tuple[bool, bool, bool]
+                  kernel_size: tuple[int, int], output_mask: tuple[bool, bool, bool], w_format: torch.memory_format
                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_x, grad_w, grad_bias) of :func:`conv_forward`; entries not asked for in
     ``output_mask`` (x, w, bias) are None. grad_w is in ``x.dtype``.
@@ -60,7 +62,7 @@ def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: 
     x_p, symmetric = pad_unequal_sides(x, padding)
     grad_y = grad_y.to(x.dtype)
     gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad_y, x_p, w.to(x.dtype), [grad_y.shape[1]] if output_mask[2] else None,
+        grad_y, x_p, w.to(x.dtype, memory_format=w_format), [w.shape[0]] if output_mask[2] else None,
         list(conv.stride), symmetric, list(conv.dilation), False, [0, 0], conv.groups, list(output_mask))
     if gx is not None and x_p is not x:  # a tensor of its own, as F.conv2d's, not a view of the padded one
         h, w_in = x.shape[-2:]

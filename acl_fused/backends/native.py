@@ -36,7 +36,7 @@ from torch.utils.flop_counter import conv_flop_count
 
 from ..conv_args import ConvArgs
 from ..layout import Layout
-from ..validation import FLOAT_DTYPES, Problem
+from ..validation import FLOAT_DTYPES, Problem, conv_weight_format
 from . import double_backward, library_conv
 
 BUILD_HINT = ("build it from the repository root with `pip install --no-build-isolation -e .` (or `make setup`), "
@@ -141,8 +141,14 @@ def _fake_synthesize_backward_jvp(akp_tangent, weight_tangent, grad_W, akp, fami
             akp.new_empty(akp.shape if output_mask[1] else (0,)))
 
 
+def _fake_w(input, akp, weight, family, kernel_size):
+    """W as the C++ kernels make it for the convolution: input's dtype, csrc/acl_conv2d.cpp weight_format."""
+    return torch.empty(_w_shape(akp.shape, family.shape, kernel_size), dtype=input.dtype, device=input.device,
+                       memory_format=conv_weight_format(input, weight))
+
+
 def _fake_acl_conv2d(input, akp, weight, family, row, bias, kernel_size, stride, padding, dilation, groups):
-    w = input.new_empty(_w_shape(akp.shape, family.shape, kernel_size))
+    w = _fake_w(input, akp, weight, family, kernel_size)
     x, symmetric = library_conv.pad_unequal_sides(input, padding)
     return torch.ops.aten.convolution(x, w, bias, stride, symmetric, dilation, False, [0, 0], groups)
 
@@ -152,7 +158,7 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
     want_input, want_akp, want_weight, want_bias = output_mask
     grad_input, grad_bias = input.new_empty((0,)), input.new_empty((0,))
     if want_input or want_bias:
-        w = input.new_empty(_w_shape(akp.shape, family.shape, kernel_size))
+        w = _fake_w(input, akp, weight, family, kernel_size)
         x, symmetric = library_conv.pad_unequal_sides(input, padding)
         gx, _, gb = torch.ops.aten.convolution_backward(
             grad_output.to(input.dtype), x, w, [family.shape[0]] if want_bias else None, stride, symmetric,

@@ -44,7 +44,7 @@ from torch.torch_version import TorchVersion
 
 from ..conv_args import ConvArgs
 from ..layout import Layout
-from ..validation import Problem, is_channels_last
+from ..validation import Problem, conv_weight_format
 from . import double_backward, library_conv, triton_synthesis
 from .triton_families import family_value, family_value_and_grads, grid_xy
 
@@ -95,18 +95,31 @@ def _configs(gpu: list[tuple[int, ...]], interpreted: tuple[int, ...], names: tu
 
 # Autotune candidates. Large BLOCK_M amortizes synthesis (each W element feeds BLOCK_M
 # multiply-adds), but the family formulas keep ~20 [BLOCK_K, BLOCK_N] temporaries live, so
-# registers, not shared memory, bound the tiles. Only spill-free candidates are listed: measured
-# compile-only with Triton 3.9 for sm_90a (ptxas -v, 3x3 kernel, mosaic layout; no GPU here, so
-# no timings), registers per thread for float32 (TF32) / float16 dots:
+# registers, not shared memory, bound the tiles. Only spill-free candidates are listed, per kind of
+# dot (_gemm_kind): measured compile-only for sm_90a (ptxas -v, 3x3 kernel, mosaic layout; no GPU
+# here, so no timings). Tensor-core dots, Triton 3.9, registers per thread for float32 (TF32) /
+# float16:
 #   (128, 64, 16, 8 warps) fwd 225 / 191, grad_x 210 / 224     (128, 64, 32, 8 warps) fwd 255 / 255
 #   (128, 32, 16, 4 warps) fwd 254 / 220                      (64, 64, 16, 4 warps)  fwd 235 / 234
 #   (64, 32, 16, 4 warps)  fwd 180 / 168, grad_x 226 (f32)
-# and (64, 32, 16, 8 warps) for float64: 180 (every larger float64 candidate spilled 200-1700 bytes).
+# IEEE float32 and float64 dots hold more per thread: of these candidates only (64, 32, 16, 8 warps,
+# 2 stages) is spill-free for both (Triton 3.6, the GPU image's: fwd 184 / 183, grad_x 202 / 182
+# registers; the others spilled 44-1800 bytes, also the first, which the test runs with
+# ACL_FUSED_AUTOTUNE=0 took for every dtype before).
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages):
-_GEMM_CONFIGS = _configs(
-    [(128, 64, 16, 8, 3), (128, 64, 32, 8, 3), (128, 32, 16, 4, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 4),
-     (64, 32, 16, 8, 2)],
-    (32, 16, 16, 4, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+_GEMM_CONFIGS = {
+    kind: _configs(gpu, (32, 16, 16, 4, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K")) for kind, gpu in (
+        ("tensor_core", [(128, 64, 16, 8, 3), (128, 64, 32, 8, 3), (128, 32, 16, 4, 3), (64, 64, 16, 4, 3),
+                         (64, 32, 16, 4, 4), (64, 32, 16, 8, 2)]),
+        ("full_precision", [(64, 32, 16, 8, 2)]))}
+
+
+def _gemm_tuned(fn) -> dict:
+    """{kind of dot: fn tuned over that kind's candidates} (see _GEMM_CONFIGS, _gemm_kind)."""
+    return {kind: triton.autotune(configs=configs, key=["M", "CG", "COG", "KH", "KW"])(fn)
+            for kind, configs in _GEMM_CONFIGS.items()}
+
+
 # Weight-gradient GEMM: (BLOCK_P, num_warps, num_stages). Its [BLOCK_O, BLOCK_C] tile is fixed on
 # the host (_param_tile) because the split of the pixel reduction depends on it. The epilogue's
 # value-and-gradient formulas need 8 warps and no software pipelining to stay spill-free:
@@ -165,9 +178,8 @@ def _weight_tile(code, row, c, i, j, tile_ok, akp_ptr, s_ar, s_ac, s_as, weight_
 # Forward: y[n, o, oh, ow] = bias[o] + sum_{c, i, j} x[n, c, oh*sh - top + i*dh, ...] W[o, c, i, j]
 # K index k = tap * Cg + c with tap = i * kW + j (tap-major: a K-block mostly shares one tap).
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "CG", "COG", "KH", "KW"])
 @triton.jit
-def _conv_forward_kernel(
+def _conv_forward(
         x_ptr, akp_ptr, weight_ptr, bias_ptr, family_ptr, row_ptr, y_ptr,
         M, CG, COG, H, W, HO, WO,
         s_xn, s_xc, s_xh, s_xw, s_ar, s_ac, s_as, s_wo, s_wc, s_wh, s_ww, s_yn, s_yc, s_yh, s_yw,
@@ -210,13 +222,15 @@ def _conv_forward_kernel(
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
+_FORWARD_KERNELS = _gemm_tuned(_conv_forward)
+
+
 # --------------------------------------------------------------------------------------------
 # grad_x[n, c, h, w] = sum_{o, i, j : h = oh*sh - top + i*dh, ...} grad_y[n, o, oh, ow] W[o, c, i, j]
 # K index k = tap * C_out/g + o.
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "CG", "COG", "KH", "KW"])
 @triton.jit
-def _conv_grad_input_kernel(
+def _conv_grad_input(
         dy_ptr, akp_ptr, weight_ptr, family_ptr, row_ptr, dx_ptr,
         M, CG, COG, H, W, HO, WO,
         s_dn, s_dc, s_dh, s_dw, s_ar, s_ac, s_as, s_wo, s_wc, s_wh, s_ww, s_xn, s_xc, s_xh, s_xw,
@@ -259,6 +273,9 @@ def _conv_grad_input_kernel(
     dx_offs = (n * s_xn + h_in.to(tl.int64) * s_xh + w_in.to(tl.int64) * s_xw)[:, None] \
         + (g * CG + c).to(tl.int64)[None, :] * s_xc
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+_GRAD_INPUT_KERNELS = _gemm_tuned(_conv_grad_input)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +385,12 @@ def _dot_dtype(x_dtype: torch.dtype):
     return tl.float32 if INTERPRETED and x_dtype == torch.bfloat16 else _TORCH_TO_TL[x_dtype]
 
 
+def _gemm_kind(x_dtype: torch.dtype) -> str:
+    """The kind of dot of x's dtype, whose candidates the GEMM kernels tune over (_GEMM_CONFIGS)."""
+    full = x_dtype == torch.float64 or (x_dtype == torch.float32 and _dot_precision(x_dtype) == "ieee")
+    return "full_precision" if full else "tensor_core"
+
+
 def _synth_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """Synthesis runs in float64 for float64 parameters, else in float32 (half/bf16 included)."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
@@ -377,9 +400,15 @@ def _acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
-def _output_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format F.conv2d gives its output for this input."""
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+def _output_format(x: torch.Tensor, ops: "_Operands") -> torch.memory_format:
+    """The memory format F.conv2d gives its output and input gradient for x and a W in ops.w_format:
+    ATen's own choice, its convolution backend's (cuDNN keeps float64 contiguous, as its depthwise
+    kernel does all). Both read only the weight's shape, dtype and strides: a meta W, no memory."""
+    w = torch.empty((ops.cog * ops.groups, ops.cg, ops.kh, ops.kw), dtype=x.dtype, device="meta",
+                    memory_format=ops.w_format)
+    stride, padding, dilation = ops.geometry[:2], ops.geometry[2:4], ops.geometry[4:]
+    backend = torch._C._select_conv_backend(x, w, None, stride, padding, dilation, False, [0, 0], ops.groups, None)
+    return torch._C._conv_determine_backend_memory_format(x, w, backend)
 
 
 @functools.lru_cache(maxsize=None)
@@ -407,6 +436,7 @@ class _Operands:
         idx = layout.tensors(x.device)
         self.family, self.row = idx["family_i32"], idx["row_i32"]
         self.has_plain = weight is not None
+        self.w_format = conv_weight_format(x, weight)
         self.has_analytic = akp.shape[0] > 0
         self.akp = akp if self.has_analytic else weight  # a valid pointer of the right dtype
         self.weight = weight if self.has_plain else akp
@@ -427,20 +457,20 @@ def _dtypes(x_dtype: torch.dtype, ops: "_Operands") -> dict:
                 PRECISION=_dot_precision(x_dtype))
 
 
-@triton_synthesis.eager_if_interpreted
+@triton_synthesis.launches_kernels
 def _forward(x: torch.Tensor, ops: _Operands, bias: Optional[torch.Tensor], out_hw: tuple[int, int]) -> torch.Tensor:
     """y [N, C_out, H_out, W_out] in x's dtype and F.conv2d's output memory format."""
     n, _, h, w = x.shape
     ho, wo = out_hw
     y = torch.empty((n, ops.cog * ops.groups, ho, wo), dtype=x.dtype, device=x.device,
-                    memory_format=_output_format(x))
+                    memory_format=_output_format(x, ops))
     m = n * ho * wo
     if m == 0:
         return y
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(ops.cog, meta["BLOCK_N"]), ops.groups
 
-    _conv_forward_kernel[grid](
+    _FORWARD_KERNELS[_gemm_kind(x.dtype)][grid](
         x, ops.akp, ops.weight, y if bias is None else bias.contiguous(), ops.family, ops.row, y,  # bias[o] at o
         m, ops.cg, ops.cog, h, w, ho, wo,
         *x.stride(), *ops.akp_strides, *ops.weight_strides, *y.stride(), *ops.geometry,
@@ -449,19 +479,19 @@ def _forward(x: torch.Tensor, ops: _Operands, bias: Optional[torch.Tensor], out_
     return y
 
 
-@triton_synthesis.eager_if_interpreted
+@triton_synthesis.launches_kernels
 def _grad_input(grad_y: torch.Tensor, x: torch.Tensor, ops: _Operands) -> torch.Tensor:
-    """grad_x [N, C_in, H, W] with x's dtype and strides (when dense)."""
+    """grad_x [N, C_in, H, W] in x's dtype and the memory format of F.conv2d's input gradient."""
     n, _, h, w = x.shape
     ho, wo = grad_y.shape[-2:]
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_output_format(x, ops))
     m = n * h * w
     if m == 0:
         return dx
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(ops.cg, meta["BLOCK_N"]), ops.groups
 
-    _conv_grad_input_kernel[grid](
+    _GRAD_INPUT_KERNELS[_gemm_kind(x.dtype)][grid](
         grad_y, ops.akp, ops.weight, ops.family, ops.row, dx,
         m, ops.cg, ops.cog, h, w, ho, wo,
         *grad_y.stride(), *ops.akp_strides, *ops.weight_strides, *dx.stride(), *ops.geometry,
@@ -469,7 +499,7 @@ def _grad_input(grad_y: torch.Tensor, x: torch.Tensor, ops: _Operands) -> torch.
     return dx
 
 
-@triton_synthesis.eager_if_interpreted
+@triton_synthesis.launches_kernels
 def _grad_params(grad_y: torch.Tensor, x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor],
                  ops: _Operands, want_akp: bool, want_weight: bool
                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -553,6 +583,9 @@ def why_not(problem: Problem) -> Optional[str]:
         return INTERPRETER_ERROR
     if problem.device.type not in ("cpu", "cuda"):
         return f"Triton kernels run on CUDA devices, not {problem.device.type}"
+    if problem.input_shape[1] == 0:
+        return ("the input has no channels: F.conv2d then gives an output without channels (ATen's rule), "
+                "these kernels one of C_out channels")
     return None
 
 

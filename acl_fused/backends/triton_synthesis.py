@@ -25,6 +25,7 @@ Triton's ``@triton.jit`` decides at decoration time whether it compiles or inter
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from ..conv_args import ConvArgs
 from ..layout import Layout
-from ..validation import Problem
+from ..validation import Problem, conv_weight_format
 from . import double_backward, library_conv
 from .triton_families import PLAIN, akp_count, family_value, family_value_and_grads, grid_xy
 
@@ -143,10 +144,24 @@ def _akp_grad_kernel(akp_ptr, family_ptr, row_ptr, dw_ptr, d_akp_ptr, d_weight_p
 INTERPRETED = type(_synthesize_kernel).__name__ == "InterpretedFunction"
 
 
-def eager_if_interpreted(fn):
-    """torch.compile captures a Triton launch as a kernel call only for compiled kernels on a GPU;
-    an interpreted kernel would be traced as Python (the interpreter itself), so keep it eager."""
-    return torch.compiler.disable(fn) if INTERPRETED else fn
+def launches_kernels(fn):
+    """For a function that launches Triton kernels on its first argument's device.
+
+    Triton launches on the current CUDA device and its stream, so eagerly the call runs with that
+    device made current (a layer on cuda:1 while cuda:0 is current would otherwise launch on
+    cuda:0); torch.compile's generated code sets the device itself. torch.compile captures a launch
+    as a kernel call only for compiled kernels on a GPU: an interpreted kernel would be traced as
+    Python (the interpreter itself), so it stays eager."""
+    if INTERPRETED:
+        return torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def on_its_device(first: torch.Tensor, *args, **kwargs):
+        if first.device.type != "cuda" or torch.compiler.is_compiling():
+            return fn(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return fn(first, *args, **kwargs)
+    return on_its_device
 
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -173,7 +188,7 @@ def _tiling(kernel_size: tuple[int, int], tile: int) -> tuple[int, int]:
     return kk_pad, max(1, tile // kk_pad)
 
 
-@eager_if_interpreted
+@launches_kernels
 def synthesize_weight(akp: torch.Tensor, weight: Optional[torch.Tensor], family_i32: torch.Tensor,
                       row_i32: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
     """W [C_out, Cg, kH, kW] (contiguous, akp's dtype) in one launch; no autograd."""
@@ -191,7 +206,7 @@ def synthesize_weight(akp: torch.Tensor, weight: Optional[torch.Tensor], family_
     return w.to(akp.dtype)
 
 
-@eager_if_interpreted
+@launches_kernels
 def akp_and_weight_grads(grad_w: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor],
                          family_i32: torch.Tensor, row_i32: torch.Tensor, kernel_size: tuple[int, int],
                          need_akp: bool, need_weight: bool
@@ -245,7 +260,7 @@ class TritonConv2d(torch.autograd.Function):
         w = synthesize_weight(akp, weight, idx["family_i32"], idx["row_i32"], kernel_size)
         ctx.save_for_backward(x, akp, weight)
         ctx.layout, ctx.conv, ctx.kernel_size = layout, conv, kernel_size
-        return library_conv.conv_forward(x, w, bias, conv)
+        return library_conv.conv_forward(x, w, bias, conv, conv_weight_format(x, weight))
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
