@@ -273,6 +273,11 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def ratio(value: Optional[float], width: int = 0) -> str:
+    """A time ratio as "1.23x"; "n/a" where its baseline was not timed (an error, out of memory)."""
+    return f"{'n/a':>{width + 1}}" if value is None else f"{value:{width}.2f}x"
+
+
 def unavailable_reason(error: BackendUnavailable, backend: str) -> str:
     """``backend``'s own line of a BackendUnavailable message (it lists every backend's reason)."""
     prefix = f"{backend}: "

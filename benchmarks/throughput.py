@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -36,7 +37,7 @@ import torch
 from acl_fused import dispatch
 
 from .cases import (CONV2D, DTYPE_MODES, LAYOUTS, MEMORY_FORMATS, PASSES, REFERENCE, Impl, LayerBench, LayerCase,
-                    SynthesisBench, first_line, implementations)
+                    SynthesisBench, first_line, implementations, ratio)
 from .resnet import BLOCKS
 from .shapes import SWEEPS, select_shapes
 from .timing import TimerSettings, keep_freed_memory, peak_memory, saved_tensor_bytes, time_side_by_side
@@ -180,7 +181,7 @@ def format_layer_row(r: LayerRow) -> str:
         return f"{head} {r.status}: {r.note}"
     ref = f"{r.vs_reference:6.2f}x ref" if r.vs_reference is not None else " " * 10
     mem = f"  peak {r.peak_mib:8.1f} MiB" if r.peak_mib is not None else ""
-    return (f"{head} {r.median_ms:9.3f} ms [{r.low_ms:.3f}, {r.high_ms:.3f}] {r.vs_conv:6.2f}x conv {ref}  "
+    return (f"{head} {r.median_ms:9.3f} ms [{r.low_ms:.3f}, {r.high_ms:.3f}] {ratio(r.vs_conv, 6)} conv {ref}  "
             f"saved {r.saved_mib:7.2f} MiB  err {r.rel_err:.1e}{mem}")
 
 
@@ -209,6 +210,13 @@ def git_commit(repo: Path) -> str:
         return "unknown"
 
 
+def autotuning() -> str:
+    fused = dispatch.backend_module("triton_fused")
+    if fused is None:
+        return "n/a (triton_fused not importable)"
+    return "on" if fused.AUTOTUNE else "off (ACL_FUSED_AUTOTUNE=0: each kernel's first candidate)"
+
+
 def environment(device: torch.device, argv: list[str], settings: TimerSettings,
                 script: str = "benchmarks.throughput") -> dict[str, str]:
     """The run's description for a report: device, date, versions, commit, the command (``python -m
@@ -234,6 +242,7 @@ def environment(device: torch.device, argv: list[str], settings: TimerSettings,
         "git commit": commit,
         "command": " ".join(["python", "-m", script, *(shlex.quote(a) for a in argv)]),
         "timing": f"{timer}, {settings.rounds} interleaved rounds; medians",
+        "triton_fused autotuning": autotuning(),
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
@@ -266,7 +275,8 @@ def summary(rows: list[LayerRow]) -> str:
     ratios: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     fastest: dict[tuple, LayerRow] = {}
     for r in ok:
-        ratios[(r.dtype, r.pass_)][r.impl].append(r.vs_conv)
+        if r.vs_conv is not None:  # None: nn.Conv2d's row of the case was not timed
+            ratios[(r.dtype, r.pass_)][r.impl].append(r.vs_conv)
         if "/" in r.impl:
             k = (r.shape, r.batch, r.dtype, r.memory_format, r.pass_, r.impl.split("/")[1])
             if k not in fastest or r.median_ms < fastest[k].median_ms:
@@ -302,7 +312,7 @@ def markdown(env: dict[str, str], layers: list[LayerRow], synthesis: list[Synthe
         case_names = ["shape", "batch", "dtype", "format", "pass"]
         out += ["", "## Layers: median ms (time / nn.Conv2d)", "",
                 "Shapes are `Cin-Cout k<kernel> s<stride> @ input size`, no bias. Lower is better.", "",
-                pivot(ok, case_key, case_names, lambda r: f"{r.median_ms:.3f} ({r.vs_conv:.2f}x)"),
+                pivot(ok, case_key, case_names, lambda r: f"{r.median_ms:.3f} ({ratio(r.vs_conv)})"),
                 "", "## Layers: time / reference path, same layout", "",
                 pivot([r for r in ok if r.vs_reference is not None], case_key, case_names,
                       lambda r: f"{r.vs_reference:.2f}x"),
@@ -375,7 +385,10 @@ def plot(path: Path, rows: list[LayerRow], title: str) -> Optional[str]:
         panel = [r for r in ok if r.dtype == dtype and r.pass_ == pass_]
         cases = list(dict.fromkeys(f"{r.shape} b{r.batch} {r.memory_format}" for r in panel))
         for impl in dict.fromkeys(r.impl for r in panel):
-            points = [(cases.index(f"{r.shape} b{r.batch} {r.memory_format}"), r.vs_conv) for r in panel if r.impl == impl]
+            points = [(cases.index(f"{r.shape} b{r.batch} {r.memory_format}"), r.vs_conv) for r in panel
+                      if r.impl == impl and r.vs_conv is not None]
+            if not points:
+                continue
             ax.plot(*zip(*points), marker="o", linestyle="", label=impl)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
@@ -437,6 +450,15 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+class SweepStopped(BaseException):
+    """A signal stopped the sweep (a BaseException: the per-implementation error handlers, which
+    report an implementation's failure in its row, must not catch it)."""
+
+
+def stop_sweep(signum: int, frame) -> None:
+    raise SweepStopped(f"stopped by {signal.Signals(signum).name}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = make_parser()
@@ -466,25 +488,33 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{k}: {v}")
 
     layers: list[LayerRow] = []
-    if "layers" in args.sections:
-        impls = implementations(args.backends, args.layouts)
-        print(f"\n== layers: {len(shapes)} shapes x batches {batches} x {dtypes} x {formats} x {args.passes} ==")
-        for shape in shapes:
-            for batch in batches:
-                for dtype in dtypes:
-                    for fmt in formats:
-                        layers += measure_case(LayerCase(shape, batch, dtype, fmt, device), args.passes, impls,
-                                               settings, print)
     synthesis: list[SynthesisRow] = []
-    if "synthesis" in args.sections:
-        print("\n== synthesis alone ==")
-        synthesis = measure_synthesis(device, args.backends, settings, print)
     training: list[TrainRow] = []
-    if "training" in args.sections:
-        print("\n== training step ==")
-        training = measure_training(device, args.network, args.train_image_size or sweep.train_image_size,
-                                    args.train_batch or sweep.train_batch, dtypes, formats, args.backends,
-                                    settings, print)
+    # A time limit (timeout's SIGTERM, as scripts/gpu_check.sh sets) stops the sweep, not the report:
+    # what was measured is still written, and the report says where it stopped.
+    signal.signal(signal.SIGTERM, stop_sweep)
+    try:
+        if "layers" in args.sections:
+            impls = implementations(args.backends, args.layouts)
+            print(f"\n== layers: {len(shapes)} shapes x batches {batches} x {dtypes} x {formats} x {args.passes} ==")
+            for shape in shapes:
+                for batch in batches:
+                    for dtype in dtypes:
+                        for fmt in formats:
+                            layers += measure_case(LayerCase(shape, batch, dtype, fmt, device), args.passes, impls,
+                                                   settings, print)
+        if "synthesis" in args.sections:
+            print("\n== synthesis alone ==")
+            synthesis = measure_synthesis(device, args.backends, settings, print)
+        if "training" in args.sections:
+            print("\n== training step ==")
+            training = measure_training(device, args.network, args.train_image_size or sweep.train_image_size,
+                                        args.train_batch or sweep.train_batch, dtypes, formats, args.backends,
+                                        settings, print)
+    except SweepStopped as e:
+        env["stopped"] = f"{e}: the sweep is incomplete, this report holds the cases measured before it"
+        print(f"\n!! {env['stopped']}")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     env["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from torch import nn
 
 from acl_fused import AnalyticConv2d, BackendUnavailable, dispatch
 
-from .cases import CONV2D, DTYPE_MODES, MEMORY_FORMATS, first_line, interpreted_triton, unavailable_reason
+from .cases import CONV2D, DTYPE_MODES, MEMORY_FORMATS, first_line, interpreted_triton, ratio, unavailable_reason
 from .resnet import BLOCKS, resnet
 from .timing import TimerSettings, peak_memory, time_side_by_side
 
@@ -137,4 +137,4 @@ def format_train_row(r: TrainRow) -> str:
         return f"{head} {r.status}: {r.note}"
     mem = "" if r.peak_mib is None else f"  peak {r.peak_mib:8.1f} MiB"
     return (f"{head} {r.median_ms:9.2f} ms [{r.low_ms:.2f}, {r.high_ms:.2f}]  {r.images_per_s:8.1f} img/s  "
-            f"{r.vs_conv:5.2f}x nn.Conv2d{mem}")
+            f"{ratio(r.vs_conv, 5)} nn.Conv2d{mem}")
