@@ -402,8 +402,8 @@ def _acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
 
 def _output_format(x: torch.Tensor, ops: "_Operands") -> torch.memory_format:
     """The memory format F.conv2d gives its output and input gradient for x and a W in ops.w_format:
-    ATen's own choice, its convolution backend's (cuDNN keeps float64 contiguous, as its depthwise
-    kernel does all). Both read only the weight's shape, dtype and strides: a meta W, no memory."""
+    ATen's own choice, its convolution backend's (cuDNN keeps float64 contiguous, ATen's CUDA depthwise
+    kernel every dtype). Both read only the weight's shape, dtype and strides: a meta W, no memory."""
     w = torch.empty((ops.cog * ops.groups, ops.cg, ops.kh, ops.kw), dtype=x.dtype, device="meta",
                     memory_format=ops.w_format)
     stride, padding, dilation = ops.geometry[:2], ops.geometry[2:4], ops.geometry[4:]
