@@ -168,6 +168,13 @@ class AnalyticConv2d(nn.Module):
                 akp, weight = akp_, weight_
         return plan[1](x, akp, weight, bias)
 
+    def __prepare_scriptable__(self) -> "AnalyticConv2d":
+        # torch.jit.script calls this first: refuse with a reason rather than fail inside the compiler
+        # on the first Python-only line of the module.
+        raise RuntimeError("AnalyticConv2d cannot be compiled by torch.jit.script (deprecated by PyTorch): its "
+                           "forward picks a backend in Python; use torch.compile, torch.export or torch.jit.trace, "
+                           "or AnalyticConv2d.convert_to_conv2d(model) for a model of nn.Conv2d layers")
+
     def __getstate__(self) -> dict:
         # Copies and pickles start without a call plan: it holds a function bound to this module's
         # device tensors, which pickle cannot store.

@@ -136,6 +136,32 @@ def test_nan_in_any_used_akp_slot_gives_nan_where_the_reference_has(name, dtype,
     assert rel_err(y.nan_to_num(), y_ref.nan_to_num()) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("ks,conv", [(1, dict(stride=2)), (3, dict(stride=3)), (2, dict(stride=2, dilation=2, padding=1))],
+                         ids=["1x1-stride2", "3x3-stride3", "2x2-stride2-dil2"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_input_gradient_is_zero_where_no_output_reads_the_input(name, ks, conv):
+    """Input rows and columns that no output reads (strides and dilations that skip them) get a zero
+    input gradient, as in F.conv2d, even from a NaN slice: elsewhere the NaN reaches the gradient
+    as in the reference, and the values match."""
+    layout = as_layout([F_.PLAIN, F_.GABOR])
+    gabor = [math.nan, 0.3, 0.2, 0.0, 1.0, 0.4]
+    akp = torch.tensor([[gabor, gabor]], dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(3)
+    weight = torch.randn(1, 2, ks, ks, dtype=torch.float64, device=DEVICE)
+    x0 = torch.randn(1, 2, 8, 7, dtype=torch.float64, device=DEVICE)
+    require(name, make_problem(akp, layout, (ks, ks), x0, ConvArgs.make(**conv)))
+
+    def input_grad(backend: str) -> torch.Tensor:
+        x = x0.clone().requires_grad_()
+        y = acl_conv2d(x, akp, weight, layout, backend=backend, **conv)
+        return torch.autograd.grad(y, x, torch.ones_like(y))[0]
+
+    got, want = input_grad(name), input_grad("reference")
+    assert (want == 0).any() and want.isnan().any()  # the case has both kinds of pixel
+    assert torch.equal(got.isnan(), want.isnan())
+    assert rel_err(got.nan_to_num(), want.nan_to_num()) <= TOL[torch.float64]
+
+
 GRADCHECK_CASES = [
     # Every family in one mosaic (full gradcheck), even non-square kernel, 'same' padding.
     Case("mosaic", MOSAIC[:8], 2, (3, 2), hw=(4, 3), batch=1, conv=dict(padding="same")),

@@ -617,6 +617,15 @@ def test_jit_trace_passes_its_check_and_gives_the_eager_output_and_gradients(bac
     torch.testing.assert_close(grads_traced, grads)
 
 
+def test_jit_script_is_refused_with_the_alternatives():
+    """torch.jit.script of a network holding a layer says why it cannot and what to use instead,
+    rather than failing inside the TorchScript compiler on a Python-only line."""
+    net = nn.Sequential(layer(3, 4, 3), nn.ReLU())
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*torch.compile, torch.export or "
+                                           "torch.jit.trace"):
+        torch.jit.script(net)
+
+
 def test_deferred_init_fills_the_family_buffer():
     """Built on meta (with device= or inside a `with torch.device("meta")` block, as nn.Conv2d
     allows), then to_empty + reset_parameters (FSDP's deferred init): the family buffer, which the

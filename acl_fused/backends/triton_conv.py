@@ -240,6 +240,8 @@ def _conv_grad_input(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # A strided convolution leaves most (pixel, tap) pairs without a source output pixel: they are
     # masked, so grad_x does ~stride_h*stride_w times the useful dot work (no phase split).
+    # Pixels that no output reads at all get 0, as in F.conv2d, not the masked zeros times W (NaN
+    # where W is NaN).
     g = tl.program_id(2)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
@@ -270,9 +272,22 @@ def _conv_grad_input(
                           k_ok[:, None] & c_ok[None, :], akp_ptr, s_ar, s_ac, s_as, weight_ptr, s_wo, s_wc, s_wh, s_ww,
                           KH, KW, HAS_PLAIN, HAS_ANALYTIC, SYNTH, dyt.dtype)
         acc += tl.dot(dyt.to(DOT), wt.to(DOT), input_precision=PRECISION)
+    read = _read_by_some_tap(h_in, PT, SH, DH, HO, KH) & _read_by_some_tap(w_in, PL, SW, DW, WO, KW)
+    acc = tl.where(read[:, None], acc, 0.0)
     dx_offs = (n * s_xn + h_in.to(tl.int64) * s_xh + w_in.to(tl.int64) * s_xw)[:, None] \
         + (g * CG + c).to(tl.int64)[None, :] * s_xc
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _read_by_some_tap(pos, PAD, S, D, OUT, K: tl.constexpr):
+    """Whether some output reads input position ``pos`` along one axis (padding PAD, stride S,
+    dilation D, OUT outputs, K taps)."""
+    read = tl.zeros_like(pos) != 0
+    for i in tl.static_range(K):
+        t = pos + PAD - i * D
+        read = read | ((t >= 0) & (t % S == 0) & (t // S < OUT))
+    return read
 
 
 _GRAD_INPUT_KERNELS = _gemm_tuned(_conv_grad_input)
