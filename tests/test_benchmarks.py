@@ -82,6 +82,29 @@ def test_throughput_script_writes_every_report(tmp_path):
     assert "- heap: " in report   # the CPU heap setting the timings ran with (timing.keep_freed_memory)
 
 
+def test_step_profile_reports_where_each_step_goes(tmp_path):
+    """python -m benchmarks.step_profile: per implementation a row of wall and host ms a step, and
+    the operators that took the most (here, on the CPU, by self time): native's synthesis inside its
+    own ops, the reference's elementwise ops, nn.Conv2d's convolutions only."""
+    if native.EXTENSION_ERROR is not None:
+        skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
+    run("-m", "benchmarks.step_profile", "--device", "cpu", "--shapes", "64-64k3s1", "--image-size", "32",
+        "--batch", "1", "--steps", "2", "--backends", "native,reference,triton", "--out", str(tmp_path))
+    report = (tmp_path / "step_profile_cpu.md").read_text()
+    assert "- command: `python -m benchmarks.step_profile --device cpu" in report
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in report.splitlines() if line.startswith("| ")}
+    for impl in ("nn.Conv2d", "native/default", "reference/default"):
+        assert float(rows[impl][1]) > 0 and float(rows[impl][3]) > 0, rows[impl]   # wall and host ms
+    assert "interpreted Triton on CPU is a test tool" in rows["triton/default"][-1]
+
+    def top_operators(impl: str) -> str:  # the list under impl's heading
+        return report.split(f"\n{impl}, operators by self CPU time")[1].split("\n\n")[1]
+
+    assert "`acl_fused::acl_conv2d" in top_operators("native/default")
+    assert "`aten::mul`" in top_operators("reference/default")
+    assert "convolution" in top_operators("nn.Conv2d") and "acl_fused" not in top_operators("nn.Conv2d")
+
+
 def test_git_commit_says_when_the_tree_is_edited(tmp_path, monkeypatch):
     """The reports' commit line: HEAD's hash alone for a clean tree (untracked files do not count),
     with "+ uncommitted changes" once a tracked file is edited."""
