@@ -33,7 +33,7 @@ from acl_fused import dispatch
 
 from .cases import CONV2D, DTYPE_MODES, LAYOUTS, MEMORY_FORMATS, Impl, LayerBench, LayerCase, first_line, implementations
 from .shapes import select_shapes
-from .throughput import OUT_DIR, csv_list, environment, ms, table
+from .throughput import OUT_DIR, csv_list, environment, ms, parse_device_args, table
 from .timing import TimerSettings, keep_freed_memory, synchronize
 
 #: Per device: shapes (ConvShape keys), the ResNet input size their maps follow from, batch, dtype
@@ -44,7 +44,7 @@ DEFAULTS = {
                  dtype="tf32", steps=20),
     "cpu": dict(shapes=("64-64k3s1", "64-128k1s2"), image_size=112, batch=4, dtype="fp32", steps=5),
 }
-TOP = 6  # kernels / operators listed per implementation
+TOP = 8  # kernels / operators listed per implementation
 METHOD = ("wall and host ms: a loop of steps without the profiler, synchronised once at its end (host: up to the "
           "last call's return); device ms and the lists: the same steps under torch.profiler")
 
@@ -142,12 +142,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     parser = make_parser()
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    argv, args, device = parse_device_args(parser, argv)
     defaults = DEFAULTS[device.type]
     try:
         shapes = select_shapes(args.shapes or list(defaults["shapes"]), args.image_size or defaults["image_size"])

@@ -459,13 +459,21 @@ def stop_sweep(signum: int, frame) -> None:
     raise SweepStopped(f"stopped by {signal.Signals(signum).name}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parse_device_args(parser: argparse.ArgumentParser, argv: Optional[list[str]]
+                      ) -> tuple[list[str], argparse.Namespace, torch.device]:
+    """(argv, its parsed arguments, their --device) for a benchmark script's main (argv: sys.argv[1:]
+    by default); --device cuda without a CUDA device is a usage error."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = make_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    return argv, args, device
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = make_parser()
+    argv, args, device = parse_device_args(parser, argv)
     sweep = SWEEPS[(device.type, args.quick)]
     try:
         shapes = select_shapes(None if args.shapes == ["all"] else (args.shapes or sweep.shapes),
