@@ -92,10 +92,11 @@ esac
 case " $stages " in *" bench "*)
     # The targets' evidence first: the quick sweep (the 7x7 stem, 64-64k3s1 and 256-256k3s1 at
     # batch 32, TF32 and bf16; synthesis alone; a ResNet-18 step), a profile of one step per
-    # implementation, then every ResNet-18 shape at batch 32 and 128 in cuDNN's default TF32. triton_fused's autotuning off: it would compile and
-    # time 15 kernel candidates per kernel size, layout, dtype and format (1-9 s a compile, measured
-    # for sm_90 on the 2-core development machine) before the first row; each kernel's first
-    # candidate is spill-free in TF32 and bf16. A sweep stopped by its limit still writes its report.
+    # implementation, then every ResNet-18 shape at batch 32 and 128 in cuDNN's default TF32.
+    # triton_fused's autotuning off: it would compile and time 15 kernel candidates per kernel
+    # size, layout, dtype and format (1-9 s a compile, measured for sm_90 on the 2-core development
+    # machine) before the first row; each kernel's first candidate is spill-free in TF32 and bf16.
+    # A sweep stopped by its limit still writes its report.
     export ACL_FUSED_AUTOTUNE=0
     sweep quick 150 --quick
     # Where each step's time goes (host, synthesis, convolution kernels), for the report on any
