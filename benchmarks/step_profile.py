@@ -83,8 +83,12 @@ def profile_step(impl: str, step: Callable[[], None], device: torch.device, step
         return e.self_device_time_total if on_device else e.self_cpu_time_total
 
     events.sort(key=us, reverse=True)
-    return StepProfile(impl, "ok", wall_ms=(end - start) / steps * 1e3, host_ms=(issued - start) / steps * 1e3,
-                       device_ms=sum(map(us, events)) / steps / 1e3 if on_device else None,
+    # Without CUPTI (a container without the permission) the profiler records no kernel: say so
+    # rather than report a device time of 0.
+    no_kernels = on_device and not events
+    return StepProfile(impl, "ok", "torch.profiler recorded no CUDA kernel (CUPTI unavailable?)" if no_kernels else "",
+                       wall_ms=(end - start) / steps * 1e3, host_ms=(issued - start) / steps * 1e3,
+                       device_ms=sum(map(us, events)) / steps / 1e3 if on_device and events else None,
                        top=[(e.key, us(e) / steps / 1e3, e.count / steps) for e in events[:TOP]])
 
 
