@@ -33,7 +33,7 @@ from acl_fused import dispatch
 
 from .cases import CONV2D, DTYPE_MODES, LAYOUTS, MEMORY_FORMATS, Impl, LayerBench, LayerCase, first_line, implementations
 from .shapes import select_shapes
-from .throughput import OUT_DIR, csv_list, environment, ms, parse_device_args, table
+from .throughput import OUT_DIR, csv_list, environment, ms, parse_device_args, report_head, table
 from .timing import TimerSettings, keep_freed_memory, synchronize
 
 #: Per device: shapes (ConvShape keys), the ResNet input size their maps follow from, batch, dtype
@@ -106,15 +106,16 @@ def profile_case(case: LayerCase, impls: list[Impl], steps: int, log: Callable[[
             except Exception as e:  # reported in the table, not hidden
                 rows.append(StepProfile(impl.label, "error", first_line(e)))
             r = rows[-1]
-            log(f"{case.label} {r.impl}: " + (f"wall {r.wall_ms:.3f} ms, host {r.host_ms:.3f} ms"
-                                               + ("" if r.device_ms is None else f", device {r.device_ms:.3f} ms")
-                                               if r.status == "ok" else f"{r.status}: {r.note}"))
+            if r.status != "ok":
+                log(f"{case.label} {r.impl}: {r.status}: {r.note}")
+                continue
+            on_device = "" if r.device_ms is None else f", device {r.device_ms:.3f} ms"
+            log(f"{case.label} {r.impl}: wall {r.wall_ms:.3f} ms, host {r.host_ms:.3f} ms{on_device}")
     return rows
 
 
 def markdown(env: dict[str, str], cases: list[tuple[LayerCase, list[StepProfile]]]) -> str:
-    out = [f"# acl_fused step profile: {env['device']}", ""] + [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}"
-                                                                for k, v in env.items()]
+    out = report_head("acl_fused step profile", env)
     for case, rows in cases:
         conv = next((r for r in rows if r.impl == CONV2D and r.status == "ok"), None)
         out += ["", f"## {case.label} forward+backward", "",

@@ -303,9 +303,14 @@ def ms(value: Optional[float]) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def report_head(title: str, env: dict[str, str]) -> list[str]:
+    """A Markdown report's first lines: its title on the device, then the run's description (environment)."""
+    return [f"# {title}: {env['device']}", ""] + [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}"
+                                                  for k, v in env.items()]
+
+
 def markdown(env: dict[str, str], layers: list[LayerRow], synthesis: list[SynthesisRow], training: list[TrainRow]) -> str:
-    out = [f"# acl_fused throughput: {env['device']}", ""] + [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}"
-                                                              for k, v in env.items()]
+    out = report_head("acl_fused throughput", env)
     ok = [r for r in layers if r.status == "ok"]
     if ok:
         case_key = (lambda r: (r.shape, r.batch, r.dtype, r.memory_format, r.pass_))
