@@ -39,14 +39,16 @@ BACKENDS: dict[str, BackendInfo] = {
         BackendInfo("native", "acl_fused.backends.native",
                     "C++/CUDA torch.library ops: one-launch synthesis and AKP-gradient kernels "
                     "around ATen's convolution (oneDNN / cuDNN)",
-                    functorch=frozenset({"vmap"})),  # a C++ autograd Function: no grad or jvp transform
+                    # through torch.autograd.Functions (backends/native_transforms.py), whose forward-mode
+                    # rules torch does not nest: a jvp inside a jvp reads them as zero
+                    functorch=frozenset({"grad", "jvp", "vmap", "functionalize"})),
         BackendInfo("triton", "acl_fused.backends.triton_synthesis",
                     "Triton one-launch synthesis and AKP-gradient kernels around torch's convolution"),
         BackendInfo("triton_fused", "acl_fused.backends.triton_conv",
                     "Triton implicit-GEMM convolution that synthesizes its weight tiles in registers"),
         BackendInfo("reference", "acl_fused.backends.reference",
                     "pure PyTorch autograd (SPEC oracle): synthesis + torch conv2d",
-                    functorch=frozenset({"grad", "jvp", "vmap", "functionalize"})),
+                    functorch=frozenset({"grad", "jvp", "nested jvp", "vmap", "functionalize"})),
     )
 }
 
@@ -70,14 +72,12 @@ def why_not(name: str, problem: Problem) -> Optional[str]:
     """Why backend ``name`` cannot run ``problem`` (None when it can)."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; known: {', '.join(BACKENDS)}"
-    module, reason = _LOADED[name]
-    if module is None:
-        return reason
     untaken = problem.functorch - BACKENDS[name].functorch
     if untaken:
         return (f"torch.func's {' and '.join(sorted(untaken))} transform is running (grad: grad, vjp, jacrev; "
                 "jvp: forward-mode AD), which this backend cannot take part in; the reference backend can")
-    return module.why_not(problem)
+    module, reason = _LOADED[name]
+    return reason if module is None else module.why_not(problem)
 
 
 def report(problem: Problem) -> dict[str, Optional[str]]:
@@ -86,19 +86,17 @@ def report(problem: Problem) -> dict[str, Optional[str]]:
 
 
 def auto_order(problem: Problem) -> list[str]:
-    """Preference order for backend='auto' (fastest first).
+    """Preference order for backend='auto' (fastest first); a backend that cannot run a call (a
+    torch.func transform it does not take part in, BackendInfo.functorch, for one) is passed over.
 
-    Under a torch.func transform: the reference, which takes part in every one with torch's own
-    batching rules (BackendInfo.functorch). native takes part in vmap only through torch's
-    per-sample fallback, which warns on every call (an 8-model vmap ensemble of 64->64 3x3 on
-    [4, 64, 28, 28], CPU, 2 threads: native 10.4 ms, reference 13.2 ms, and a warning a sample).
-    CPU: native, measured fastest in every case of the CPU sweep (benchmarks/RESULTS.md); the
-    Triton interpreter is a correctness tool, never a fast path. CUDA: not measured yet (no GPU
-    so far): native before triton because both run one synthesis launch around cuDNN and native
-    launches from C++; triton_fused only when asked for, until a GPU sweep shows where it wins.
+    CPU: native, measured fastest in every case of the CPU sweep and under torch.func's transforms
+    (benchmarks.func_transforms, 64->64 3x3 on [8, 64, 28, 28], 2 threads, float32, native time /
+    the reference's: per-sample gradients 0.57x, grad 0.65x, an 8-model vmap ensemble 0.92x, jvp
+    0.35x; benchmarks/RESULTS.md); the Triton interpreter is a correctness tool, never a fast path.
+    CUDA: not measured yet (no GPU so far): native before triton because both run one synthesis
+    launch around cuDNN and native launches from C++; triton_fused only when asked for, until a GPU
+    sweep shows where it wins.
     """
-    if problem.functorch:
-        return ["reference"]
     if problem.device.type == "cuda":
         return ["native", "triton", "reference"]
     return ["native", "reference"]

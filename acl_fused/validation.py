@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch._prims_common import suggest_memory_format  # ATen's rule, as torch's fake kernels use it
 
 from .conv_args import ConvArgs, pair
@@ -33,8 +34,9 @@ class Problem:
     conv: Optional[ConvArgs] = None
     input_shape: Optional[tuple[int, ...]] = None
     autocast_dtype: Optional[torch.dtype] = None
-    #: the torch.func transforms running the call: "grad" (grad, vjp, jacrev), "jvp" (jvp, jacfwd),
-    #: "vmap", "functionalize"
+    #: the torch.func transforms running the call: "grad" (grad, vjp, jacrev), "jvp" (jvp, jacfwd,
+    #: torch.autograd.forward_ad), "vmap", "functionalize"; "nested jvp" where forward mode runs
+    #: inside forward mode (higher forward-mode derivatives)
     functorch: frozenset[str] = frozenset()
 
 
@@ -43,7 +45,11 @@ def functorch_transforms() -> frozenset[str]:
     traces (Dynamo handles those transforms itself)."""
     if torch.compiler.is_compiling():
         return frozenset()
-    return frozenset(level.key().name.lower() for level in torch._C._functorch.get_interpreter_stack() or ())
+    levels = [level.key().name.lower() for level in torch._C._functorch.get_interpreter_stack() or ()]
+    # torch.autograd.forward_ad's dual level is forward mode too (torch.func.jvp opens one of its own)
+    if forward_ad._current_level >= 0 and "jvp" not in levels:
+        levels.append("jvp")
+    return frozenset(levels + (["nested jvp"] if levels.count("jvp") > 1 else []))
 
 
 def suggests_channels_last(t: torch.Tensor) -> bool:

@@ -55,6 +55,18 @@ def test_gradient_penalty_script_times_every_step():
         assert rows[step].count("x)") == 3, rows[step]
 
 
+def test_func_transforms_script_times_every_transform():
+    if native.EXTENSION_ERROR is not None:
+        skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
+    out = run("-m", "benchmarks.func_transforms", "--device", "cpu", "--channels", "4", "--size", "6",
+              "--batch", "2", "--min-run-time", "0.01", "--rounds", "1").stdout
+    assert "command: python -m benchmarks.func_transforms --device cpu" in out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert rows["transform"] == "| transform | nn.Conv2d | native | reference |"
+    for transform in ("per-sample grads", "grad", "ensemble", "jvp"):
+        assert rows[transform].count("x)") == 3, rows[transform]
+
+
 def test_throughput_script_writes_every_report(tmp_path):
     if native.EXTENSION_ERROR is not None:
         skip_or_fail_unavailable("native", native.EXTENSION_ERROR)

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acl_fused import AKP_COUNT, AnalyticConv2d, BackendUnavailable, Family, dispatch
+from acl_fused import AKP_COUNT, AnalyticConv2d, BackendUnavailable, Family
 from acl_fused.families import ANALYTIC_FAMILIES, pos
-from acl_fused.validation import make_problem
 
 ALL_FAMILIES = [Family.TGD2, Family.PLAIN, Family.GABOR, Family.MEAN, Family.LOG, Family.PLAIN, Family.LOT,
                 Family.TGD1, Family.GABOR]
@@ -684,27 +683,24 @@ def test_torch_export_leaves_a_module_never_called_working(backend):
         assert type(y) is torch.Tensor and torch.allclose(y, want, atol=1e-6)
 
 
-def test_forward_mode_ad_exact_or_refused():
-    """torch.func.jvp: the reference gives the exact tangent; the native backend, which has no
-    forward-mode formula, refuses it (it returned zeros)."""
+def test_forward_mode_ad_gives_the_exact_tangent():
+    """torch.func.jvp and a forward_ad dual level give the exact tangent on the backend auto picks
+    (tests/test_native_transforms.py checks native's against the reference's)."""
     torch.manual_seed(6)
     x, v = torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5)
-    m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1))
+    m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="auto"))
+    want = F.conv2d(v, m.synthesize().detach(), padding=1)
     _, tangent = torch.func.jvp(m, (x,), (v,))
-    assert torch.allclose(tangent, F.conv2d(v, m.synthesize().detach(), padding=1), atol=1e-6)
-    native = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="native")
-    with pytest.raises(RuntimeError, match="forward-mode AD"):
-        torch.func.jvp(native, (x,), (v,))
+    assert torch.allclose(tangent, want, atol=1e-6)
     import torch.autograd.forward_ad as fwAD
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="native backend: forward-mode AD"):
-        native(fwAD.make_dual(x, v))  # no torch.func transform: the op itself refuses
+    with fwAD.dual_level():
+        assert torch.allclose(fwAD.unpack_dual(m(fwAD.make_dual(x, v))).tangent, want, atol=1e-6)
 
 
 def test_torch_func_transforms_run_on_a_backend_that_takes_part_in_them():
-    """Per-sample gradients (vmap of grad over functional_call) and jvp with backend='auto' run on
-    the reference backend, the one whose autograd torch.func can transform, and give what eager
-    autograd (native, where built) gives sample by sample; asking for native under grad names the
-    transform, under vmap alone native runs; outside a transform, auto is native again."""
+    """Per-sample gradients (vmap of grad over functional_call) with backend='auto' give what eager
+    autograd gives sample by sample; a backend that cannot take part in a transform (Triton's)
+    names it when asked for, and auto passes it over."""
     torch.manual_seed(7)
     m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="auto"))
     params = {k: v.detach() for k, v in m.named_parameters()}
@@ -718,19 +714,10 @@ def test_torch_func_transforms_run_on_a_backend_that_takes_part_in_them():
         m(x[i:i + 1]).square().sum().backward()
         for name, p in m.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
-    native = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="native")
-    if dispatch.why_not("native", make_problem(native.akp, native.layout, native.kernel_size)) is None:
-        assert m._call_plan[1].__module__ == "acl_fused.backends.native"  # the eager calls above: auto is native
-        with pytest.raises(BackendUnavailable, match=r"native: torch.func's grad transform is running"):
-            torch.func.grad(lambda p: torch.func.functional_call(native, p, (x,)).sum())(
-                {k: v.detach() for k, v in native.named_parameters()})
-        # vmap alone: native, asked for, takes part (its ops batch by torch's fallback); auto takes the reference
-        reference = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1)
-        reference.load_state_dict(native.state_dict())
-        batched = torch.func.vmap(native)(x.unsqueeze(1))
-        torch.testing.assert_close(batched.squeeze(1), reference(x), rtol=1e-5, atol=1e-6)
-        torch.func.vmap(m)(x.unsqueeze(1))
-        assert m._call_plan[1].__module__ != "acl_fused.backends.native"
+    triton = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="triton")
+    with pytest.raises(BackendUnavailable, match=r"triton: torch.func's grad transform is running"):
+        torch.func.grad(lambda p: torch.func.functional_call(triton, p, (x,)).sum())(
+            {k: v.detach() for k, v in triton.named_parameters()})
 
 
 def test_deepcopy_and_pickle():

@@ -14,9 +14,11 @@ Ops (schemas in csrc/ops.cpp; ``family`` / ``row`` are a Layout's int32 [C_out] 
 
 This module loads the extension and gives every op a fake kernel (torch.compile, meta tensors).
 Autograd is C++ (csrc/autograd.cpp, the Autograd key): ``synthesize`` / ``acl_conv2d`` save
-(input, akp, weight) only and recompute W in the backward; forward-mode AD is refused with a clear
-error. A backward that records a graph (create_graph) runs as differentiable steps (synthesize,
-ATen's convolution_backward, synthesize_backward); synthesize_backward's own backward (double
+(input, akp, weight) only and recompute W in the backward; the ops refuse forward-mode AD with a
+clear error (under torch.func's transforms and forward-mode AD this backend runs
+native_transforms.py's Python Functions around the same kernels instead). A backward that records
+a graph (create_graph) runs as differentiable steps (synthesize, ATen's convolution_backward,
+synthesize_backward); synthesize_backward's own backward (double
 backward) is one pass of the kernels' formulas in dual numbers, or, when it records a graph too
 (third order), a composite op this module implements (double_backward.py):
 
@@ -36,8 +38,8 @@ from torch.utils.flop_counter import conv_flop_count
 
 from ..conv_args import ConvArgs
 from ..layout import Layout
-from ..validation import FLOAT_DTYPES, Problem, conv_weight_format
-from . import double_backward, library_conv
+from ..validation import FLOAT_DTYPES, Problem, conv_weight_format, functorch_transforms
+from . import double_backward, library_conv, native_transforms
 
 BUILD_HINT = ("build it from the repository root with `pip install --no-build-isolation -e .` (or `make setup`), "
               "without ACL_FUSED_NO_EXT=1")
@@ -82,6 +84,8 @@ def synthesize(akp: torch.Tensor, weight: Optional[torch.Tensor], layout: Layout
                kernel_size: tuple[int, int]) -> torch.Tensor:
     """W [C_out, Cg, kH, kW] in akp's dtype (half / bfloat16: computed in float32, rounded once)."""
     _require_extension()
+    if _transformed():
+        return native_transforms.synthesize(akp, weight, layout, kernel_size)
     idx = layout.tensors(akp.device)
     return torch.ops.acl_fused.synthesize(akp, weight, idx["family_i32"], idx["row_i32"], list(kernel_size))
 
@@ -90,6 +94,8 @@ def conv2d(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Tensor], l
            bias: Optional[torch.Tensor], conv: ConvArgs, kernel_size: tuple[int, int]) -> torch.Tensor:
     """y = F.conv2d(x, W, bias, ...) [N, C_out, H_out, W_out]; under autocast W is synthesized in the
     parameters' dtype and the convolution runs in the autocast dtype, like nn.Conv2d."""
+    if _transformed():
+        return native_transforms.conv2d(x, akp, weight, layout, bias, conv, kernel_size)
     x, bias, scope = library_conv.autocast_inputs(x, bias)
     with scope:
         return bind_conv2d(layout, conv, kernel_size, akp.device)(x, akp, weight, bias)
@@ -103,6 +109,8 @@ def bind_conv2d(layout: Layout, conv: ConvArgs, kernel_size: tuple[int, int], de
     Measured in a training step of AnalyticConv2d(64, 128, 1, stride=2) (CPU, 2 threads): the
     conversions cost ~10 us a call there, several times what they cost timed alone."""
     _require_extension()
+    if _transformed():
+        return lambda x, akp, weight, bias: native_transforms.conv2d(x, akp, weight, layout, bias, conv, kernel_size)
     idx = layout.tensors(device)
     constant = (list(kernel_size), list(conv.stride), list(conv.explicit_padding(kernel_size)),
                 list(conv.dilation), conv.groups)
@@ -112,6 +120,12 @@ def bind_conv2d(layout: Layout, conv: ConvArgs, kernel_size: tuple[int, int], de
                    bias: Optional[torch.Tensor]) -> torch.Tensor:
         return op(x, akp, weight, family, row, bias, *constant)
     return acl_conv2d
+
+
+def _transformed() -> bool:
+    """Whether torch.func's grad, jvp or vmap transform (or forward-mode AD) is running: then the
+    ops' C++ autograd cannot take part, and native_transforms' Functions do."""
+    return not functorch_transforms() <= {"functionalize"}
 
 
 def _require_extension() -> None:
