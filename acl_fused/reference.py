@@ -76,11 +76,14 @@ def synthesize_layout(akp: torch.Tensor, weight: Optional[torch.Tensor], layout:
     x, y = grid(kernel_size, compute, akp.device)
     pieces = [] if weight is None else [weight.to(compute)]
     for family in layout.family_rows:
-        pieces.append(family_kernel(family, akp.index_select(0, idx[f"rows_{int(family)}"]).to(compute), x, y))
+        pieces.append(family_kernel(family, akp[idx[f"rows_{int(family)}"]].to(compute), x, y))
     if not layout.family_rows:  # the empty akp still takes part, so that it gets a gradient (DDP wants one)
         pieces.append(akp.to(compute)[..., :1, None].expand(0, -1, *kernel_size))
     stacked = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-    return stacked.index_select(0, idx["gather_order"]).to(akp.dtype)
+    # Indexing, not index_select: Inductor (torch 2.13, CPU) compiles index_select's backward under
+    # torch.func.vmap(grad) into wrong gradients (2.5x too large in a five-line repro; indexing,
+    # gather and cat come out right), which made torch.compile(vmap(grad(...))) of this path wrong.
+    return stacked[idx["gather_order"]].to(akp.dtype)
 
 
 def synthesize(akp: Optional[torch.Tensor], weight: Optional[torch.Tensor],

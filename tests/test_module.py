@@ -720,6 +720,22 @@ def test_torch_func_transforms_run_on_a_backend_that_takes_part_in_them():
             {k: v.detach() for k, v in triton.named_parameters()})
 
 
+def test_torch_compile_of_per_sample_gradients_matches_eager():
+    """torch.compile(vmap(grad(...))) on the reference path gives eager's per-sample gradients
+    (Inductor, torch 2.13 CPU, compiled index_select's backward under vmap(grad) into wrong ones:
+    reference.py gathers by indexing)."""
+    torch.manual_seed(8)
+    m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randn(3, 3, 5, 5)
+
+    def per_sample(p, inputs):
+        return torch.func.vmap(torch.func.grad(
+            lambda q, sample: torch.func.functional_call(m, q, (sample.unsqueeze(0),)).square().sum()),
+            in_dims=(None, 0))(p, inputs)
+    torch.testing.assert_close(torch.compile(per_sample)(params, x), per_sample(params, x), rtol=1e-4, atol=1e-5)
+
+
 def test_deepcopy_and_pickle():
     torch.manual_seed(9)
     m = perturbed(layer(3, 9, 3, layout=ALL_FAMILIES, padding=1))

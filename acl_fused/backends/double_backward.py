@@ -72,7 +72,7 @@ def _synthesis_gradients_dot(akp: Tensor, layout: Layout, kernel_size: tuple[int
         (grad_akp,) = torch.autograd.grad(w, akp, grad_W.to(w.dtype), create_graph=True)
         dot = dot + (grad_akp * gg_akp).sum()
     if gg_weight is not None:
-        plain_rows = grad_W.index_select(0, layout.tensors(grad_W.device)["plain_channels"])
+        plain_rows = grad_W[layout.tensors(grad_W.device)["plain_channels"]]  # not index_select: see reference.py
         dot = dot + (plain_rows * gg_weight).sum()
     return dot
 
