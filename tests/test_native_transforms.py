@@ -27,12 +27,13 @@ def extension():
         skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
 
 
-def layers(layout=MOSAIC, **conv) -> dict[str, AnalyticConv2d]:
+def layers(layout=MOSAIC, device="cpu", **conv) -> dict[str, AnalyticConv2d]:
     """The same float64 layer (generic AKPs, a bias) on the native and the reference backend."""
     out = {}
     for backend in ("native", "reference"):
         torch.manual_seed(0)
         m = AnalyticConv2d(3, len(layout), 3, layout=list(layout), backend=backend, dtype=torch.float64, **conv)
+        m = m.to(device)
         with torch.no_grad():
             m.akp.add_(0.3 * torch.randn_like(m.akp))
         out[backend] = m
@@ -78,13 +79,17 @@ TRANSFORMS = {
 }
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_every_transform_matches_the_reference_float64(name):
+def test_every_transform_matches_the_reference_float64(name, device):
     """What each torch.func transform gives through native is what it gives through the reference
     (the oracle: pure PyTorch, its derivatives torch's own), with no per-sample fallback warning
     (vmap takes the Functions' batching rules)."""
-    ms = layers(padding=1, stride=(1, 2))
-    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    if device == "cuda" and not native.has_cuda_kernels():
+        skip_or_fail_unavailable("native", "acl_fused._C was built without its CUDA kernels")
+    ms = layers(padding=1, stride=(1, 2), device=device)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device)
     want = TRANSFORMS[name](ms["reference"], x)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*batching rule.*")
