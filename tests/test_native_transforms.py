@@ -148,6 +148,22 @@ def test_nested_forward_mode_is_refused_and_auto_takes_the_reference():
                                jacfwd(jacfwd(lambda a: with_akp(ms["reference"], x)(a).sum()))(akp))
 
 
+def test_functionalize_with_another_transform_is_refused_and_auto_takes_the_reference():
+    """torch has no functionalize rule for autograd.Functions ("NYI: Functionalize rule for
+    custom_function_call"): native refuses functionalize together with grad, and auto runs the
+    reference there; functionalize alone runs the ops (TRANSFORMS["functionalize"])."""
+    ms = layers(MOSAIC, padding=1)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+
+    def functionalized_grad(m):
+        return torch.func.functionalize(grad(lambda p: functional_call(m, p, (x,)).square().sum()))(parameters(m))
+    with pytest.raises(BackendUnavailable, match="native: torch.func.functionalize is running together with grad"):
+        functionalized_grad(ms["native"])
+    auto = layers(MOSAIC, padding=1)["native"]
+    auto.backend = "auto"
+    torch.testing.assert_close(functionalized_grad(auto), functionalized_grad(ms["reference"]))
+
+
 def test_auto_takes_native_under_the_transforms_it_takes_part_in():
     """Measured faster than the reference under them (dispatch.auto_order)."""
     m = layers(MOSAIC, padding=1)["native"]

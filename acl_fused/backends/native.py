@@ -72,6 +72,9 @@ def why_not(problem: Problem) -> Optional[str]:
     if device == "cuda" and not has_cuda_kernels():
         return ("acl_fused._C was built without its CUDA kernels (CPU only); rebuild where a CUDA toolkit and a "
                 "CUDA build of torch are present: `ACL_FUSED_CUDA=1 pip install --no-build-isolation -e .`")
+    if "functionalize" in problem.functorch and not problem.functorch <= {"functionalize"}:
+        return ("torch.func.functionalize is running together with grad / jvp / vmap, under which this backend runs "
+                "torch.autograd.Functions that torch cannot functionalize yet; the reference backend can")
     if device not in ("cpu", "cuda"):
         return f"no native kernels for {device!r} tensors (CPU and CUDA only)"
     if problem.dtype not in FLOAT_DTYPES:
