@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
 from acl_fused import AnalyticConv2d, BackendUnavailable, Family
 from acl_fused.backends import native, native_transforms
-from conftest import skip_or_fail_unavailable
+from conftest import rel_err, skip_or_fail_unavailable
 
 F_ = Family
 #: All seven families, interleaved, two of some.
@@ -107,6 +107,18 @@ def test_layouts_without_plain_or_analytic_channels(layout, name):
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(TRANSFORMS[name](ms["native"], x), TRANSFORMS[name](ms["reference"], x),
                                rtol=1e-9, atol=1e-12)
+
+
+def test_float32_within_spec_tolerance_of_the_float64_reference():
+    """SPEC §6's float32 bound (1e-5 relative) on per-sample gradients and a jvp."""
+    ms = layers(MOSAIC, padding=1)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    single = layers(MOSAIC, padding=1)["native"].float()
+    for name in ("per_sample_grads", "jvp"):
+        want = torch.utils._pytree.tree_leaves(TRANSFORMS[name](ms["reference"], x))
+        got = torch.utils._pytree.tree_leaves(TRANSFORMS[name](single, x.float()))
+        for g, w in zip(got, want):
+            assert rel_err(g, w) <= 1e-5, name
 
 
 def test_forward_mode_ad_outside_torch_func():
