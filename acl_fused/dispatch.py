@@ -74,10 +74,17 @@ def why_not(name: str, problem: Problem) -> Optional[str]:
         return f"unknown backend {name!r}; known: {', '.join(BACKENDS)}"
     untaken = problem.functorch - BACKENDS[name].functorch
     if untaken:
+        able = " and ".join(n for n in BACKENDS if n != name and _runs(n, problem)) or "no backend here"
         return (f"torch.func's {' and '.join(sorted(untaken))} transform is running (grad: grad, vjp, jacrev; "
-                "jvp: forward-mode AD), which this backend cannot take part in; the reference backend can")
+                f"jvp: forward-mode AD), which this backend cannot take part in; {able} can")
     module, reason = _LOADED[name]
     return reason if module is None else module.why_not(problem)
+
+
+def _runs(name: str, problem: Problem) -> bool:
+    """why_not(name, problem) is None, without composing the reasons."""
+    module = _LOADED[name][0]
+    return module is not None and problem.functorch <= BACKENDS[name].functorch and module.why_not(problem) is None
 
 
 def report(problem: Problem) -> dict[str, Optional[str]]:

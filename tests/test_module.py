@@ -715,7 +715,7 @@ def test_torch_func_transforms_run_on_a_backend_that_takes_part_in_them():
         for name, p in m.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
     triton = layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend="triton")
-    with pytest.raises(BackendUnavailable, match=r"triton: torch.func's grad transform is running"):
+    with pytest.raises(BackendUnavailable, match=r"triton: torch.func's grad transform is running.*\breference can"):
         torch.func.grad(lambda p: torch.func.functional_call(triton, p, (x,)).sum())(
             {k: v.detach() for k, v in triton.named_parameters()})
 
