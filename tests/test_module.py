@@ -824,3 +824,5 @@ def test_readme_usage_runs():
     namespace: dict = {}
     exec(compile(usage, "README.md usage", "exec"), namespace)
     assert type(namespace["deployed"]) is nn.Conv2d
+    assert {k: v.shape[1:] for k, v in namespace["per_sample"].items()} == {
+        k: p.shape for k, p in namespace["layer"].named_parameters()} and namespace["per_sample"]["akp"].shape[0] == 8
