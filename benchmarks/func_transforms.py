@@ -10,7 +10,6 @@ main parameter: ``akp`` for ACL, ``weight`` for nn.Conv2d).
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any, Callable, Optional
 
@@ -21,6 +20,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from acl_fused import AnalyticConv2d
 
 from .one_layer import layers_to_time, make_parser, report, setting_up
+from .throughput import parse_device_args
 from .timing import time_side_by_side
 
 TRANSFORMS = ("per-sample grads", "grad", "ensemble", "jvp")
@@ -45,14 +45,14 @@ def transform_call(layer: nn.Module, x: torch.Tensor, transform: str) -> Callabl
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = make_parser(__doc__, batch=8).parse_args(argv)
+    argv, args, _ = parse_device_args(make_parser(__doc__, batch=8), argv)
     x, settings, heap = setting_up(args)
     layers, not_timed = layers_to_time(x, functorch=frozenset({"grad", "jvp", "vmap"}))
     fns = {(impl, t): transform_call(layer, x, t) for impl, layer in layers.items() for t in TRANSFORMS}
     with warnings.catch_warnings():  # torch's per-sample fallback, should a backend take it, warns every call
         warnings.simplefilter("ignore")
         timings = time_side_by_side(fns, x.device, settings)
-    print(report("benchmarks.func_transforms", sys.argv[1:] if argv is None else argv, x, settings, heap,
+    print(report("benchmarks.func_transforms", argv, x, settings, heap,
                  "transform", TRANSFORMS, layers, not_timed, timings))
     return 0
 

@@ -10,7 +10,6 @@ second derivatives of synthesis too).
 """
 from __future__ import annotations
 
-import sys
 from typing import Callable, Optional
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .one_layer import layers_to_time, make_parser, report, setting_up
+from .throughput import parse_device_args
 from .timing import time_side_by_side
 
 STEPS = ("train", "R1", "R1+params")
@@ -41,12 +41,12 @@ def penalty_step(layer: nn.Module, x: torch.Tensor, step: str) -> Callable[[], N
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = make_parser(__doc__, batch=4).parse_args(argv)
+    argv, args, _ = parse_device_args(make_parser(__doc__, batch=4), argv)
     x, settings, heap = setting_up(args, requires_grad=True)
     layers, not_timed = layers_to_time(x)
     fns = {(impl, step): penalty_step(layer, x, step) for impl, layer in layers.items() for step in STEPS}
     timings = time_side_by_side(fns, x.device, settings)
-    print(report("benchmarks.gradient_penalty", sys.argv[1:] if argv is None else argv, x, settings, heap, "step",
+    print(report("benchmarks.gradient_penalty", argv, x, settings, heap, "step",
                  STEPS, layers, not_timed, timings))
     return 0
 
