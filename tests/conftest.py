@@ -5,6 +5,8 @@ interpreter; it must be switched on before any module defining @triton.jit kerne
 run here" from a skip into a failure, so CI cannot go green by silently skipping a backend.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,3 +44,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     denom = ref.norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def compile_for_sm90(*args: str) -> str:
+    """stdout of ``tests/compile_for_sm90.py *args``, run in a process with the interpreter off
+    (the kernels compile for an H100 there, no GPU needed); fails the test when it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = os.path.join(os.path.dirname(__file__), "compile_for_sm90.py")
+    done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

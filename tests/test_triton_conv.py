@@ -25,7 +25,7 @@ from acl_fused import Family, acl_conv2d, dispatch
 from acl_fused.conv_args import ConvArgs
 from acl_fused.validation import make_problem
 from acl_cases import TOL, Case
-from conftest import rel_err, skip_or_fail_unavailable
+from conftest import compile_for_sm90, rel_err, skip_or_fail_unavailable
 
 NAME = "triton_fused"
 F_ = Family
@@ -253,55 +253,6 @@ def test_interpreter_versions_that_cannot_run_the_kernels(versions, refused):
     assert (backend_module().interpreter_error(*versions) is not None) == refused
 
 
-#: Compiles the three kernels for an H100 (sm_90a) with Triton's own compiler, in a process where
-#: the interpreter is off, each with the first candidate it tunes over; prints one line per kernel
-#: with the bytes its registers spill (ptxas -v). argv: x dtype, parameter dtype, dot precision.
-COMPILE_FOR_SM90 = r"""
-import os
-import re
-import subprocess
-import sys
-import tempfile
-import torch
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
-from acl_fused.backends import triton_conv as tc
-
-assert not tc.INTERPRETED
-x_dt, p_dt, precision = getattr(tl, sys.argv[1]), getattr(tl, sys.argv[2]), sys.argv[3]
-synth = tl.float64 if p_dt == tl.float64 else tl.float32
-common = dict(KH=3, KW=3, SYNTH=synth, DOT=x_dt, ACC=tl.float64 if x_dt == tl.float64 else tl.float32,
-              PRECISION=precision)
-pointer = {"family_ptr": tl.int32, "row_ptr": tl.int32, "akp_ptr": p_dt, "weight_ptr": p_dt, "gakp_ptr": synth,
-           "gweight_ptr": synth}
-short = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32", tl.float64: "fp64", tl.int32: "i32"}
-kind = "full_precision" if x_dt == tl.float64 or precision == "ieee" and x_dt == tl.float32 else "tensor_core"
-ptxas = get_ptxas(90).path  # the one Triton compiles with
-param_tile = tc._param_tile(torch.float64 if p_dt == tl.float64 else torch.float32)
-launches = [
-    (tc._FORWARD_KERNELS[kind], dict(HAS_PLAIN=True, HAS_ANALYTIC=True, HAS_BIAS=True)),
-    (tc._GRAD_INPUT_KERNELS[kind], dict(HAS_PLAIN=True, HAS_ANALYTIC=True)),
-    (tc._conv_grad_params_kernel, dict(WANT_PLAIN=True, WANT_ANALYTIC=True, BLOCK_O=param_tile, BLOCK_C=param_tile)),
-]
-for kernel, flags in launches:
-    fn, config = kernel.fn, kernel.configs[0]  # the JITFunction under the autotuner, its first candidate
-    constexprs = dict(common, **flags, **config.kwargs)
-    signature = {name: "constexpr" if name in constexprs else
-                 ("*" + short[pointer.get(name, x_dt)] if name.endswith("_ptr") else "i32") for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(compiled.asm["ptx"])
-        ptx.flush()
-        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx.name, "-o", os.devnull], capture_output=True,
-                             text=True, check=True).stderr
-    print("compiled", fn.__name__, "spills", sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log)))
-"""
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run for real in the tests above")
 @pytest.mark.parametrize("dtypes", [("float32", "float32", "tf32"), ("float32", "float32", "ieee"),
                                     ("bfloat16", "float32", "ieee"), ("float64", "float64", "ieee")],
@@ -310,14 +261,11 @@ def test_kernels_compile_for_h100(dtypes):
     """The interpreter runs the kernels' Python, not Triton's GPU compiler, which has rules of its
     own (dot operand types, branch result types, float64 dots): compile for sm_90a here, with the
     candidate each kernel runs first (and alone with ACL_FUSED_AUTOTUNE=0), which must not spill
-    registers to local memory."""
+    registers to local memory; 3x3 and the 7x7 stem's kernel (1x1, 1x3 and 11x11 compiled
+    spill-free too when tried, session 23)."""
     backend_module()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, *dtypes], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 3 and done.stdout.count("spills 0\n") == 3, done.stdout
+    out = compile_for_sm90(NAME, *dtypes, "3", "3", "7", "7")
+    assert out.count("compiled") == 6 and out.count("spills 0\n") == 6, out
 
 
 @pytest.mark.parametrize("setting, expected", [(None, "6 1 3"), ("0", "1 1 1")])

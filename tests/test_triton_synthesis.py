@@ -179,6 +179,7 @@ from acl_fused.conv_args import ConvArgs  # noqa: E402
 from acl_fused.layout import Layout  # noqa: E402
 from acl_fused.reference import synthesize_layout  # noqa: E402
 from acl_fused.validation import Problem  # noqa: E402
+from conftest import compile_for_sm90  # noqa: E402
 
 #: all seven families, in an order where no two neighbours share a family
 MOSAIC = [4, 0, 6, 1, 3, 0, 5, 2, 1, 6, 0, 3]
@@ -226,6 +227,16 @@ def test_kernels_match_reference_float64_across_blocks(monkeypatch, tile, kernel
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got[1], want[1], rtol=1e-11, atol=1e-13)
     assert torch.equal(got[2], want[2])  # plain rows: dW copied
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run for real in the tests above")
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "bfloat16"), ("float64", "float64")],
+                         ids=["f32", "bf16", "f64"])
+def test_kernels_compile_for_h100_without_spilling(dtypes):
+    """Both kernels compile for sm_90a with the launch constants they run with (parameters' dtype,
+    weight gradient's dtype), for 1x1, 3x3 and 7x7 kernels, keeping every value in registers."""
+    out = compile_for_sm90("triton", *dtypes, "1", "1", "3", "3", "7", "7")
+    assert out.count("compiled") == 6 and out.count("spills 0\n") == 6, out
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy

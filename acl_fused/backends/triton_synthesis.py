@@ -38,11 +38,17 @@ from ..validation import Problem, conv_weight_format
 from . import double_backward, library_conv
 from .triton_families import PLAIN, akp_count, family_value, family_value_and_grads, grid_xy
 
-# Elements per program tile ([BLOCK_S, KK_PAD]). The gradient kernel keeps ~40 live values per
-# element (float64 on the GPU doubles that), hence the smaller tile. Not tuned on hardware.
-# The interpreter pays ~0.1-0.25 s per program whatever its size, so it gets one big tile.
-_SYNTH_TILE = 1024
-_GRAD_TILE = 512
+# Float32 elements per program tile ([BLOCK_S, KK_PAD]) at 4 warps; float64 tiles hold half as
+# many (a float64 value takes two registers). Not timed on hardware: the largest tiles that
+# compile for sm_90a without spilling registers to local memory (ptxas -v, kernel sizes 1x1 to
+# 7x7, Triton 3.9 and 3.6: tests/compile_for_sm90.py), registers a thread with Triton 3.9:
+# synthesis float32 77-85, float64 96-116; gradient (~40 live values an element) 84-93 and 92-96.
+# Tiles twice these spilled 4-300 bytes a thread there (the float32 1x1 kernels and every
+# float64 kernel). The interpreter pays ~0.1-0.25 s per program whatever its size, so it gets one
+# big tile.
+_SYNTH_TILE = 512
+_GRAD_TILE = 256
+_NUM_WARPS = 4
 _INTERPRETER_TILE = 1 << 14
 
 
@@ -180,12 +186,16 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
 
 
-def _tiling(kernel_size: tuple[int, int], tile: int) -> tuple[int, int]:
-    """(KK_PAD, BLOCK_S) for a tile of about ``tile`` elements (``_INTERPRETER_TILE`` when
-    interpreted)."""
-    tile = _INTERPRETER_TILE if INTERPRETED else tile
+def launch_constants(kernel_size: tuple[int, int], tile: int, compute_dtype: torch.dtype) -> dict:
+    """KK_PAD, BLOCK_S and num_warps of a launch whose program tile holds about ``tile`` float32
+    elements (``_SYNTH_TILE`` or ``_GRAD_TILE``; half as many in float64, ``_INTERPRETER_TILE``
+    when interpreted)."""
+    if INTERPRETED:
+        tile = _INTERPRETER_TILE
+    elif compute_dtype == torch.float64:
+        tile //= 2
     kk_pad = triton.next_power_of_2(kernel_size[0] * kernel_size[1])
-    return kk_pad, max(1, tile // kk_pad)
+    return dict(KK_PAD=kk_pad, BLOCK_S=max(1, tile // kk_pad), num_warps=_NUM_WARPS)
 
 
 @launches_kernels
@@ -197,12 +207,12 @@ def synthesize_weight(akp: torch.Tensor, weight: Optional[torch.Tensor], family_
     w = torch.empty((c_out, cg, kh, kw), dtype=_out_dtype(akp.dtype), device=akp.device)
     n_slices = c_out * cg
     if n_slices > 0:
-        kk_pad, block_s = _tiling(kernel_size, _SYNTH_TILE)
+        compute_akp = _compute_akp(akp)
+        launch = launch_constants(kernel_size, _SYNTH_TILE, compute_akp.dtype)
         # without plain rows the weight pointer is never read: any valid pointer will do
         plain = w if weight is None else weight
-        _synthesize_kernel[(triton.cdiv(n_slices, block_s),)](
-            _compute_akp(akp), plain, family_i32, row_i32, w, n_slices, cg, *plain.stride(),
-            KH=kh, KW=kw, KK_PAD=kk_pad, BLOCK_S=block_s)
+        _synthesize_kernel[(triton.cdiv(n_slices, launch["BLOCK_S"]),)](
+            compute_akp, plain, family_i32, row_i32, w, n_slices, cg, *plain.stride(), KH=kh, KW=kw, **launch)
     return w.to(akp.dtype)
 
 
@@ -218,12 +228,12 @@ def akp_and_weight_grads(grad_w: torch.Tensor, akp: torch.Tensor, weight: Option
     d_weight = torch.empty(weight.shape, dtype=_out_dtype(weight.dtype), device=weight.device) if need_weight else None
     n_slices = family_i32.shape[0] * akp.shape[1]
     if n_slices > 0 and (need_akp or need_weight):
-        kk_pad, block_s = _tiling(kernel_size, _GRAD_TILE)
-        _akp_grad_kernel[(triton.cdiv(n_slices, block_s),)](
-            _compute_akp(akp), family_i32, row_i32, grad_w, grad_w if d_akp is None else d_akp,
+        compute_akp = _compute_akp(akp)
+        launch = launch_constants(kernel_size, _GRAD_TILE, compute_akp.dtype)
+        _akp_grad_kernel[(triton.cdiv(n_slices, launch["BLOCK_S"]),)](
+            compute_akp, family_i32, row_i32, grad_w, grad_w if d_akp is None else d_akp,
             grad_w if d_weight is None else d_weight, n_slices, akp.shape[1], *grad_w.stride(),
-            KH=kernel_size[0], KW=kernel_size[1], KK_PAD=kk_pad, BLOCK_S=block_s,
-            STORE_AKP=need_akp, STORE_WEIGHT=need_weight)
+            KH=kernel_size[0], KW=kernel_size[1], STORE_AKP=need_akp, STORE_WEIGHT=need_weight, **launch)
     return (None if d_akp is None else d_akp.to(akp.dtype),
             None if d_weight is None else d_weight.to(weight.dtype))
 
