@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
 
-from .validation import Problem
+from .validation import COMPILED_TRANSFORM, Problem
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ BACKENDS: dict[str, BackendInfo] = {
                     "Triton implicit-GEMM convolution that synthesizes its weight tiles in registers"),
         BackendInfo("reference", "acl_fused.backends.reference",
                     "pure PyTorch autograd (SPEC oracle): synthesis + torch conv2d",
-                    functorch=frozenset({"grad", "jvp", "nested jvp", "vmap", "functionalize"})),
+                    functorch=frozenset({"grad", "jvp", "nested jvp", "vmap", "functionalize", COMPILED_TRANSFORM})),
     )
 }
 
@@ -75,6 +75,8 @@ def why_not(name: str, problem: Problem) -> Optional[str]:
     untaken = problem.functorch - BACKENDS[name].functorch
     if untaken:
         able = " and ".join(n for n in BACKENDS if n != name and _runs(n, problem)) or "no backend here"
+        if COMPILED_TRANSFORM in untaken:
+            return f"torch.compile is tracing a torch.func transform, which this backend cannot take part in; {able} can"
         return (f"torch.func's {' and '.join(sorted(untaken))} transform is running (grad: grad, vjp, jacrev; "
                 f"jvp: forward-mode AD), which this backend cannot take part in; {able} can")
     module, reason = _LOADED[name]

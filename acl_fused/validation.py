@@ -36,15 +36,22 @@ class Problem:
     autocast_dtype: Optional[torch.dtype] = None
     #: the torch.func transforms running the call: "grad" (grad, vjp, jacrev), "jvp" (jvp, jacfwd,
     #: torch.autograd.forward_ad), "vmap", "functionalize"; "nested jvp" where forward mode runs
-    #: inside forward mode (higher forward-mode derivatives)
+    #: inside forward mode (higher forward-mode derivatives); COMPILED_TRANSFORM while torch.compile
+    #: traces a call inside any of them (Dynamo shows the transforms' stack, not their kinds)
     functorch: frozenset[str] = frozenset()
 
 
+#: Problem.functorch's kind for a torch.func transform that torch.compile traces.
+COMPILED_TRANSFORM = "compiled"
+
+
 def functorch_transforms() -> frozenset[str]:
-    """The torch.func transforms running this call (see Problem.functorch); none while torch.compile
-    traces (Dynamo handles those transforms itself)."""
+    """The torch.func transforms running this call (see Problem.functorch). While torch.compile
+    traces, Dynamo runs the transforms over the traced ops itself and folds only the depth of the
+    transforms' stack to a constant (``get_interpreter_stack`` breaks the graph; a None from
+    ``peek_interpreter_stack`` reads as not None there): any transform is then COMPILED_TRANSFORM."""
     if torch.compiler.is_compiling():
-        return frozenset()
+        return frozenset({COMPILED_TRANSFORM}) if torch._C._functorch.get_dynamic_layer_stack_depth() else frozenset()
     levels = [level.key().name.lower() for level in torch._C._functorch.get_interpreter_stack() or ()]
     # torch.autograd.forward_ad's dual level is forward mode too (torch.func.jvp opens one of its own)
     if forward_ad._current_level >= 0 and "jvp" not in levels:

@@ -176,6 +176,31 @@ def test_functionalize_with_another_transform_is_refused_and_auto_takes_the_refe
     torch.testing.assert_close(functionalized_grad(auto), functionalized_grad(ms["reference"]))
 
 
+def test_under_torch_compile_a_transform_runs_on_the_reference_and_native_says_why_not():
+    """Dynamo runs torch.func's transforms over the ops it traces, where the ops' C++ autograd cannot
+    take part (nor can Dynamo trace the Functions' transform rules): auto takes the reference there
+    (one graph, eager's gradients); native refuses, naming the case; a plain torch.compile still
+    captures native's op."""
+    ms = layers(MOSAIC, padding=1)
+    auto = layers(MOSAIC, padding=1)["native"]
+    auto.backend = "auto"
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+    per_sample = TRANSFORMS["per_sample_grads"]
+    got = torch.compile(per_sample, backend=capture, fullgraph=True)(auto, x)
+    assert len(graphs) == 1 and not any("acl_fused" in target for target in graphs[0])
+    torch.testing.assert_close(got, per_sample(ms["reference"], x), rtol=1e-9, atol=1e-12)
+    with pytest.raises(Exception, match="native: torch.compile is tracing a torch.func transform.*; reference can"):
+        torch.compile(per_sample, backend=capture, fullgraph=True)(ms["native"], x)
+    graphs.clear()
+    torch.compile(auto, backend=capture, fullgraph=True)(x)
+    assert graphs == [["acl_fused.acl_conv2d.default"]]
+
+
 def test_auto_takes_native_under_the_transforms_it_takes_part_in():
     """Measured faster than the reference under them (dispatch.auto_order)."""
     m = layers(MOSAIC, padding=1)["native"]
