@@ -136,6 +136,26 @@ def test_nan_in_any_used_akp_slot_gives_nan_where_the_reference_has(name, dtype,
     assert rel_err(y.nan_to_num(), y_ref.nan_to_num()) <= TOL[dtype]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("name", BACKENDS)
+def test_unused_akp_slots_get_exactly_zero_gradient_even_from_an_infinite_input(name):
+    """SPEC §5: the slots a family does not read have zero gradient. An inf in the input makes
+    the weight gradient inf and NaN, and 0 times those is NaN: the zeros must be selected, not
+    computed (the fused weight-gradient kernel once summed them)."""
+    case = Case("inf-input", MOSAIC, 3, (3, 3), conv=dict(padding=1))
+    (x, akp, weight, bias), layout = case.tensors(torch.float64)
+    require(name, case.problem(x, akp, layout))
+    x[0, 0, 2, 2] = float("inf")
+    akp.requires_grad_()
+    y = acl_conv2d(x, akp, weight, layout, bias, backend=name, **case.conv)
+    grad_akp, = torch.autograd.grad(y, akp, torch.ones_like(y))
+    used = torch.tensor([AKP_COUNT[Family(layout.codes[o])] for o in layout.analytic_channels])
+    unused = torch.arange(6) >= used[:, None, None]
+    assert unused.any() and not grad_akp[~unused.expand_as(grad_akp)].isfinite().all()  # the case bites
+    assert torch.equal(grad_akp[unused.expand_as(grad_akp)], torch.zeros(int(unused.expand_as(grad_akp).sum()),
+                                                                           dtype=torch.float64))
+
+
 @pytest.mark.parametrize("ks,conv", [(1, dict(stride=2)), (3, dict(stride=3)), (2, dict(stride=2, dilation=2, padding=1))],
                          ids=["1x1-stride2", "3x3-stride3", "2x2-stride2-dil2"])
 @pytest.mark.parametrize("name", BACKENDS)

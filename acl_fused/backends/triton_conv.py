@@ -46,7 +46,7 @@ from ..conv_args import ConvArgs
 from ..layout import Layout
 from ..validation import Problem, conv_weight_format
 from . import double_backward, library_conv, triton_synthesis
-from .triton_families import family_value, family_value_and_grads, grid_xy
+from .triton_families import family_value, family_value_and_grads, grid_xy, store_akp_grads
 
 
 #: @triton.jit picks interpreter or compiler when a kernel is decorated: the same choice
@@ -368,13 +368,8 @@ def _conv_grad_params_kernel(
                 g4 += dws * d4
                 g5 += dws * d5
     if WANT_ANALYTIC:
-        ga = gakp_split + ((row.to(tl.int64)[:, None] * CG + c[None, :]) * 6)
-        tl.store(ga, g0.to(gakp_ptr.dtype.element_ty), mask=analytic)
-        tl.store(ga + 1, g1.to(gakp_ptr.dtype.element_ty), mask=analytic)
-        tl.store(ga + 2, g2.to(gakp_ptr.dtype.element_ty), mask=analytic)
-        tl.store(ga + 3, g3.to(gakp_ptr.dtype.element_ty), mask=analytic)
-        tl.store(ga + 4, g4.to(gakp_ptr.dtype.element_ty), mask=analytic)
-        tl.store(ga + 5, g5.to(gakp_ptr.dtype.element_ty), mask=analytic)
+        store_akp_grads(gakp_split + ((row.to(tl.int64)[:, None] * CG + c[None, :]) * 6), code[:, None], analytic,
+                        g0, g1, g2, g3, g4, g5)
 
 
 # --------------------------------------------------------------------------------------------

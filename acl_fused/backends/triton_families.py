@@ -10,6 +10,8 @@ Helpers (all ``@triton.jit``):
 * ``grid_xy(i, j, KH, KW, dtype)`` -> (x, y): SPEC §2 grid, ``x = j - (KW-1)/2``,
   ``y = i - (KH-1)/2``, exact in ``dtype`` (computed as ``(2j - (KW-1)) * 0.5``).
 * ``akp_count(code)``: number of AKP slots the family reads (SPEC §4 table; 0 for PLAIN).
+* ``store_akp_grads(out, code, mask, g0..g5)``: stores a slice's six AKP-gradient sums at
+  ``out + 0..5``, exact zeros in the slots the family does not read.
 * ``family_value(code, a, p1..p5, x, y, inv_area)`` -> K.
 * ``family_value_and_grads(code, a, p1..p5, x, y, inv_area)`` -> (K, dK/da, dK/dp1 .. dK/dp5),
   exact zeros for slots the family does not read and for PLAIN (code 0 gives K = 0: callers
@@ -62,6 +64,21 @@ def akp_count(code):
                     tl.where((code == LOG) | (code == LOT), 2,
                              tl.where((code == TGD1) | (code == TGD2), 3,
                                       tl.where(code == MEAN, 1, 0))))
+
+
+@triton.jit
+def store_akp_grads(out, code, mask, g0, g1, g2, g3, g4, g5):
+    """Stores the AKP-gradient sums g0..g5 of slots 0..5 at out + 0..5 where ``mask``, in out's
+    dtype; the slots family ``code`` does not read get exactly 0, selected, not summed: their
+    derivatives are 0, but 0 times an inf or NaN in dW (an inf in the input) is NaN."""
+    used = akp_count(code)
+    dtype = out.dtype.element_ty
+    tl.store(out + 0, g0.to(dtype), mask=mask)
+    tl.store(out + 1, tl.where(used > 1, g1, 0).to(dtype), mask=mask)
+    tl.store(out + 2, tl.where(used > 2, g2, 0).to(dtype), mask=mask)
+    tl.store(out + 3, tl.where(used > 3, g3, 0).to(dtype), mask=mask)
+    tl.store(out + 4, tl.where(used > 4, g4, 0).to(dtype), mask=mask)
+    tl.store(out + 5, tl.where(used > 5, g5, 0).to(dtype), mask=mask)
 
 
 @triton.jit

@@ -36,7 +36,7 @@ from ..conv_args import ConvArgs
 from ..layout import Layout
 from ..validation import Problem, conv_weight_format
 from . import double_backward, library_conv
-from .triton_families import PLAIN, akp_count, family_value, family_value_and_grads, grid_xy
+from .triton_families import PLAIN, family_value, family_value_and_grads, grid_xy, store_akp_grads
 
 # Float32 elements per program tile ([BLOCK_S, KK_PAD]) at 4 warps; float64 tiles hold half as
 # many (a float64 value takes two registers). Not timed on hardware: the largest tiles that
@@ -133,17 +133,8 @@ def _akp_grad_kernel(akp_ptr, family_ptr, row_ptr, dw_ptr, d_akp_ptr, d_weight_p
         g_3 = tl.sum(tl.where(in_kernel, g * d_p3, 0), axis=1)
         g_4 = tl.sum(tl.where(in_kernel, g * d_p4, 0), axis=1)
         g_5 = tl.sum(tl.where(in_kernel, g * d_p5, 0), axis=1)
-        # unused slots: exactly 0 even where dW holds inf/NaN (autograd never reads them)
-        used = akp_count(code)
-        out_dtype = d_akp_ptr.dtype.element_ty
-        analytic = in_range & (code != PLAIN)
-        out = d_akp_ptr + (row * CG + c) * 6
-        tl.store(out + 0, g_a.to(out_dtype), mask=analytic)
-        tl.store(out + 1, tl.where(used > 1, g_1, 0).to(out_dtype), mask=analytic)
-        tl.store(out + 2, tl.where(used > 2, g_2, 0).to(out_dtype), mask=analytic)
-        tl.store(out + 3, tl.where(used > 3, g_3, 0).to(out_dtype), mask=analytic)
-        tl.store(out + 4, tl.where(used > 4, g_4, 0).to(out_dtype), mask=analytic)
-        tl.store(out + 5, tl.where(used > 5, g_5, 0).to(out_dtype), mask=analytic)
+        store_akp_grads(d_akp_ptr + (row * CG + c) * 6, code, in_range & (code != PLAIN), g_a, g_1, g_2, g_3, g_4,
+                        g_5)
 
 
 #: True when the kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors).
