@@ -11,6 +11,7 @@ Shapes are small: without a GPU the kernels run in Triton's interpreter.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -23,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from acl_fused import Family, acl_conv2d, dispatch
 from acl_fused.conv_args import ConvArgs
+from acl_fused.layout import make_layout
 from acl_fused.validation import make_problem
 from acl_cases import TOL, Case
 from conftest import compile_for_sm90, rel_err, skip_or_fail_unavailable
@@ -241,6 +243,13 @@ def test_why_not_names_the_missing_piece(monkeypatch):
     meta = make_problem(akp.to("meta"), layout, case.kernel_size, x.to("meta"), ConvArgs.make())
     assert "meta" in tc.why_not(meta)
     monkeypatch.setattr(tc, "INTERPRETED", True)
+    depthwise = 65536  # one program column a group: more than CUDA's grid allows on that axis
+    depthwise_layout = make_layout({"mean": depthwise}, depthwise)
+    many_groups = make_problem(torch.empty(depthwise, 1, 6, device="meta"), depthwise_layout, (3, 3),
+                               torch.empty(1, depthwise, 5, 5, device="meta"), ConvArgs.make(groups=depthwise))
+    many_groups = dataclasses.replace(many_groups, device=torch.device("cuda"))
+    assert "groups=65536" in tc.why_not(many_groups)
+    assert tc.why_not(dataclasses.replace(many_groups, conv=ConvArgs.make(groups=65535))) is None
     monkeypatch.setattr(tc, "INTERPRETER_ERROR", tc.interpreter_error("3.6.0", "2.4.6"))
     assert "numpy<2.4" in tc.why_not(problem)
 

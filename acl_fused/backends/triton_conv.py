@@ -583,6 +583,10 @@ class TritonACLConv2d(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Backend protocol (acl_fused/dispatch.py)
 # --------------------------------------------------------------------------------------------
+#: CUDA's limit on a launch grid's second and third axes.
+_MAX_GRID_Z = 65535
+
+
 def why_not(problem: Problem) -> Optional[str]:
     if problem.conv is None:  # synthesis alone is the "triton" backend's job
         return triton_synthesis.why_not(problem)
@@ -596,6 +600,9 @@ def why_not(problem: Problem) -> Optional[str]:
     if problem.input_shape[1] == 0:
         return ("the input has no channels: F.conv2d then gives an output without channels (ATen's rule), "
                 "these kernels one of C_out channels")
+    if problem.conv.groups > _MAX_GRID_Z:
+        return (f"groups={problem.conv.groups}: the convolution kernels launch one program column per group, "
+                f"on the launch grid's third axis, which CUDA limits to {_MAX_GRID_Z}")
     return None
 
 
