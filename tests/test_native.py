@@ -41,8 +41,9 @@ from conftest import rel_err, skip_or_fail_unavailable
 F_ = Family
 #: All seven families, interleaved, two of some (rows of one family are not contiguous).
 MOSAIC = [F_.LOT, F_.PLAIN, F_.TGD2, F_.GABOR, F_.MEAN, F_.PLAIN, F_.LOG, F_.TGD1, F_.GABOR, F_.TGD2, F_.PLAIN]
-#: Odd, even and non-square kernels; 1, 2, 4, 8, 16 and 32 CUDA lanes per slice.
-KERNEL_SIZES = [(1, 1), (1, 2), (2, 2), (3, 3), (4, 4), (3, 5), (5, 2), (7, 7), (8, 6)]
+#: Odd, even and non-square kernels; 1, 2, 4, 8, 16 and 32 CUDA lanes per slice (a lane a mirror
+#: pair up to 32: 11x11's 61 pairs leave 29 lanes two and 3 one).
+KERNEL_SIZES = [(1, 1), (1, 2), (2, 2), (3, 3), (4, 4), (3, 5), (5, 2), (7, 7), (8, 6), (11, 11)]
 ANALYTIC = [f for f in Family if f != F_.PLAIN]
 LOW = [torch.float16, torch.bfloat16]
 ops = torch.ops.acl_fused
