@@ -161,14 +161,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cpu":
         env["heap"] = keep_freed_memory()
     impls = implementations(args.backends, [args.layout])
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"step_profile_{device.type}.md"
     cases = []
     for shape in shapes:
         case = LayerCase(shape, batch, dtype, args.memory_format, device)
         cases.append((case, profile_case(case, impls, steps, print)))
+        path.write_text(markdown(env, cases))  # after each case: a time limit leaves what was profiled
     report = markdown(env, cases)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"step_profile_{device.type}.md"
-    path.write_text(report)
     print("\n" + report + f"\nwrote {path}")
     return 0
 

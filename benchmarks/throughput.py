@@ -27,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import traceback
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from .cases import (CONV2D, DTYPE_MODES, LAYOUTS, MEMORY_FORMATS, PASSES, REFERE
                     SynthesisBench, first_line, implementations, ratio)
 from .resnet import BLOCKS
 from .shapes import SWEEPS, select_shapes
-from .timing import TimerSettings, keep_freed_memory, peak_memory, saved_tensor_bytes, time_side_by_side
+from .timing import TimerSettings, keep_freed_memory, peak_memory, saved_tensor_bytes, synchronize, time_side_by_side
 from .training import TrainRow, measure_training
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -105,9 +106,10 @@ def measure_case(case: LayerCase, passes: list[str], impls: list[Impl], settings
             if reason:
                 failed[impl] = ("not timed", reason)
                 continue
-            try:
+            try:  # synchronised: a CUDA kernel's fault shows here, not in the next implementation's call
                 checks[impl] = (bench.relative_error(impl),
                                 saved_tensor_bytes(bench.pass_fn(impl, "forward")) / 2**20)
+                synchronize(case.device)
             except Exception as e:  # reported in the table, not hidden
                 failed[impl] = ("error", first_line(e))
                 log(f"{case.label} {impl.label}: error: {failed[impl][1]}")
@@ -117,6 +119,7 @@ def measure_case(case: LayerCase, passes: list[str], impls: list[Impl], settings
                 try:
                     fns[impl] = bench.pass_fn(impl, pass_name)
                     fns[impl]()
+                    synchronize(case.device)
                 except Exception as e:
                     fns.pop(impl, None)
                     rows.append(row(impl, pass_name, "error", note=first_line(e)))
@@ -232,7 +235,8 @@ def environment(device: torch.device, argv: list[str], settings: TimerSettings,
         name = f"{cpu_name()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
     commit = git_commit(Path(__file__).parent)
     timer = (f"CUDA events, warm-up {settings.cuda_warmup_ms:g} ms, {settings.cuda_rep_ms:g} ms of calls, "
-             f"L2 flushed: {settings.flush_l2}, cudnn.benchmark: {torch.backends.cudnn.benchmark}"
+             f"L2 flushed before each call (not in training steps): {settings.flush_l2}, "
+             f"cudnn.benchmark: {torch.backends.cudnn.benchmark}"
              if device.type == "cuda" else
              f"torch.utils.benchmark blocked_autorange, {settings.cpu_min_run_time:g} s per implementation")
     return {
@@ -506,7 +510,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     # A time limit (timeout's SIGTERM, as scripts/gpu_check.sh sets) stops the sweep, not the report:
     # what was measured is still written, and the report says where it stopped.
     signal.signal(signal.SIGTERM, stop_sweep)
+    failed = False
     try:
+        # Synthesis first: it takes seconds, the layers (triton_fused's first compiles) minutes.
+        if "synthesis" in args.sections:
+            print("\n== synthesis alone ==")
+            synthesis = measure_synthesis(device, args.backends, settings, print)
         if "layers" in args.sections:
             impls = implementations(args.backends, args.layouts)
             print(f"\n== layers: {len(shapes)} shapes x batches {batches} x {dtypes} x {formats} x {args.passes} ==")
@@ -516,16 +525,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                         for fmt in formats:
                             layers += measure_case(LayerCase(shape, batch, dtype, fmt, device), args.passes, impls,
                                                    settings, print)
-        if "synthesis" in args.sections:
-            print("\n== synthesis alone ==")
-            synthesis = measure_synthesis(device, args.backends, settings, print)
         if "training" in args.sections:
             print("\n== training step ==")
             training = measure_training(device, args.network, args.train_image_size or sweep.train_image_size,
                                         args.train_batch or sweep.train_batch, dtypes, formats, args.backends,
                                         settings, print)
-    except SweepStopped as e:
-        env["stopped"] = f"{e}: the sweep is incomplete, this report holds the cases measured before it"
+    except (SweepStopped, Exception) as e:  # an error outside a row's own checks (a CUDA fault) too
+        failed = not isinstance(e, SweepStopped)
+        if failed:
+            traceback.print_exc()
+        env["stopped"] = (f"{e if isinstance(e, SweepStopped) else first_line(e)}: the sweep is incomplete, "
+                          "this report holds the cases measured before it")
         print(f"\n!! {env['stopped']}")
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     env["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -542,7 +552,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     written = [n for n, rows in files.items() if rows] + [f"throughput_{stem}.md"] + (
         [] if why_no_plot else [f"throughput_{stem}.png"])
     print(f"wrote {', '.join(str(args.out / n) for n in written)}" + (f" ({why_no_plot})" if why_no_plot else ""))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

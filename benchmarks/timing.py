@@ -1,8 +1,8 @@
 """Timing and memory measurement shared by the throughput script and the pytest suites.
 
 * CUDA: CUDA events around every call after a warm-up, the L2 cache flushed (a 256 MiB memset,
-  outside the timed region) before every call, as ``triton.testing.do_bench`` does; median and
-  20/80 % quantiles. Implemented here rather than calling do_bench so the method does not change
+  outside the timed region, waited for so that it hides none of the call's host time) before every
+  call, as ``triton.testing.do_bench`` flushes; median and 20/80 % quantiles. Implemented here rather than calling do_bench so the method does not change
   with the Triton version (or its absence).
 * CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with every intra-op thread (the Timer's
   default is ONE thread), each round after a warm-up; median and interquartile range over the
@@ -135,13 +135,17 @@ class _CudaRunner:
         self.fn()
 
     def samples(self, share: float) -> list[float]:
-        """Seconds of single calls between CUDA events (the flush stays outside the events)."""
+        """Seconds of single calls between CUDA events (the flush stays outside the events). The
+        host waits for the flush before it issues the call: else the flush (~75 us for 256 MiB on
+        an H200) would hide that much of the call's host time (its Python, its launches), and only
+        the host time beyond it would count."""
         n = min(max(3, int(self.rep_ms * share / self.estimate_ms)), 1000)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for s, e in zip(starts, ends):
             if self.flush is not None:
                 self.flush.zero_()
+                torch.cuda.synchronize(self.device)
             s.record()
             self.fn()
             e.record()

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
 # The GPU checks in one call of a lent device machine (its image: PyTorch 2.11, Triton 3.6, nvcc,
-# pytest-xdist, no network): build the CUDA extension, run the whole suite there, then the
-# throughput sweeps, most wanted first. Every log and report goes to $OUT (the folder that comes
-# back: at most 8 files), so a step that fails or runs out of time still leaves what the others
-# measured, and the log holds each test's result and each sweep row as it came.
+# pytest-xdist, pytest-timeout, no network): build the CUDA extension, run the whole suite there,
+# then the throughput sweep and a profile of one step per implementation. Every log and report
+# goes to $OUT (the folder that comes back: at most 8 files), so a step that fails or runs out of
+# time still leaves what the others measured, and the log holds each test's result and each sweep
+# row as it came.
 #
-#   OUT=... [BUDGET=seconds] bash scripts/gpu_check.sh [test] [bench]      (both when none is named)
+#   OUT=... [BUDGET=seconds] bash scripts/gpu_check.sh [test] [bench] [wide]   (test bench when none is named)
 #
 # A task lent a device has 15 minutes of device time in all, the machine's start (a minute or
-# more) included, and one call may run 10: so the whole call ends within BUDGET seconds (default
-# 480). Each step runs for at most its own limit and never past the budget; steps the budget no
-# longer reaches are reported as not run. The plan for a lent task: one call with no stage named
-# (the build and the suite take most of it), then at once, while the machine is warm (30 s), what
-# the device time left allows of `BUDGET=... bash scripts/gpu_check.sh bench` (the build is then
-# ninja's no-op).
+# more) included; one call may run 10, and a machine left idle for 30 s is given back (the next
+# call starts a fresh one and builds again). So the plan is one call: the whole call ends within
+# BUDGET seconds (default 540; give the device tool a timeout_s of 600), each step within its own
+# limit, which add up to the budget (build 150, tests 210, quick sweep 120, profile 60); steps
+# the budget no longer reaches are reported as not run. `wide` (ResNet-18's shapes at batch 32
+# and 128, 150 s each) is for a later task's call of its own.
 # Exit status: 0 when every step ran and passed. DEVICE=cpu runs the same steps on the CPU (a dry
 # run of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
 DEVICE=${DEVICE:-cuda}
-PY=${PYTHON:-python}
-BUDGET=${BUDGET:-480}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+BUDGET=${BUDGET:-540}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 stages=${*:-test bench}
 log="$OUT/log.txt"
@@ -79,29 +80,30 @@ PYEOF
 triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
 } >>"$log" 2>&1
 cuda_build=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)
-step build 180 env ACL_FUSED_CUDA="$cuda_build" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+step build 150 env ACL_FUSED_CUDA="$cuda_build" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 case " $stages " in *" test "*)
     required=native,triton,triton_fused
     [ "$DEVICE" = cuda ] || required=native
     # shellcheck disable=SC2046  # the options are words
     # Triton's autotuning off for the tests (acl_fused/backends/triton_conv.py AUTOTUNE): each new
-    # test shape would time and compile every candidate; the sweeps below keep it on.
-    step tests 240 env ACL_FUSED_REQUIRE_BACKENDS="$required" ACL_FUSED_AUTOTUNE=0 "$PY" -m pytest tests/ -ra -p no:cacheprovider \
+    # test shape would time and compile every candidate; the sweeps below turn it off too.
+    step tests 210 env ACL_FUSED_REQUIRE_BACKENDS="$required" ACL_FUSED_AUTOTUNE=0 "$PY" -m pytest tests/ -ra -p no:cacheprovider \
         --durations=15 $(test_options)
 esac
+# triton_fused's autotuning off in the sweeps: it would compile and time 15 kernel candidates per
+# kernel size, layout, dtype and format (1-9 s a compile, measured for sm_90 on the 2-core
+# development machine) before the first row; each kernel's first candidate is spill-free in TF32
+# and bf16 (tests/compile_for_sm90.py). A sweep stopped by its limit still writes its report.
+export ACL_FUSED_AUTOTUNE=0
 case " $stages " in *" bench "*)
-    # The targets' evidence first: the quick sweep (the 7x7 stem, 64-64k3s1 and 256-256k3s1 at
-    # batch 32, TF32 and bf16; synthesis alone; a ResNet-18 step), a profile of one step per
-    # implementation, then every ResNet-18 shape at batch 32 and 128 in cuDNN's default TF32.
-    # triton_fused's autotuning off: it would compile and time 15 kernel candidates per kernel
-    # size, layout, dtype and format (1-9 s a compile, measured for sm_90 on the 2-core development
-    # machine) before the first row; each kernel's first candidate is spill-free in TF32 and bf16.
-    # A sweep stopped by its limit still writes its report.
-    export ACL_FUSED_AUTOTUNE=0
-    sweep quick 150 --quick
-    # Where each step's time goes (host, synthesis, convolution kernels), for the report on any
-    # target missed: the quick sweep's shapes and the deepest 3x3 at batch 32.
-    step profile 90 "$PY" -m benchmarks.step_profile --device "$DEVICE" --out "$OUT"
+    # The targets' evidence first: the quick sweep (synthesis alone; the 7x7 stem, 64-64k3s1 and
+    # 256-256k3s1 at batch 32, TF32 and bf16; a ResNet-18 step), then where each step's time goes
+    # (host, synthesis, convolution kernels), for the report on any target missed.
+    sweep quick 120 --quick
+    step profile 60 "$PY" -m benchmarks.step_profile --device "$DEVICE" --out "$OUT"
+esac
+case " $stages " in *" wide "*)
+    # Every ResNet-18 shape at batch 32 and 128 in cuDNN's default TF32.
     sweep b32 150 --batches 32 --dtypes tf32 --sections layers
     sweep b128 150 --batches 128 --dtypes tf32 --sections layers
 esac
