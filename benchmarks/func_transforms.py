@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from acl_fused import AnalyticConv2d
 
-from .one_layer import layers_to_time, make_parser, report, setting_up
+from .one_layer import layers_to_time, make_parser, report, running, setting_up
 from .throughput import parse_device_args
 from .timing import time_side_by_side
 
@@ -51,6 +51,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     fns = {(impl, t): transform_call(layer, x, t) for impl, layer in layers.items() for t in TRANSFORMS}
     with warnings.catch_warnings():  # torch's per-sample fallback, should a backend take it, warns every call
         warnings.simplefilter("ignore")
+        fns, layers, not_timed = running(fns, layers, not_timed, x.device)
         timings = time_side_by_side(fns, x.device, settings)
     print(report("benchmarks.func_transforms", argv, x, settings, heap,
                  "transform", TRANSFORMS, layers, not_timed, timings))

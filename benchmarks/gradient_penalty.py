@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .one_layer import layers_to_time, make_parser, report, setting_up
+from .one_layer import layers_to_time, make_parser, report, running, setting_up
 from .throughput import parse_device_args
 from .timing import time_side_by_side
 
@@ -45,6 +45,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     x, settings, heap = setting_up(args, requires_grad=True)
     layers, not_timed = layers_to_time(x)
     fns = {(impl, step): penalty_step(layer, x, step) for impl, layer in layers.items() for step in STEPS}
+    fns, layers, not_timed = running(fns, layers, not_timed, x.device)
     timings = time_side_by_side(fns, x.device, settings)
     print(report("benchmarks.gradient_penalty", argv, x, settings, heap, "step",
                  STEPS, layers, not_timed, timings))

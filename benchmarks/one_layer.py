@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -13,9 +13,9 @@ from acl_fused import AnalyticConv2d, dispatch
 from acl_fused.conv_args import ConvArgs
 from acl_fused.validation import make_problem
 
-from .cases import CONV2D, untimed_reason
+from .cases import CONV2D, first_line, untimed_reason
 from .throughput import environment, table
-from .timing import TimerSettings, Timing, keep_freed_memory
+from .timing import TimerSettings, Timing, keep_freed_memory, synchronize
 
 
 def make_parser(doc: str, batch: int) -> argparse.ArgumentParser:
@@ -55,6 +55,24 @@ def layers_to_time(x: torch.Tensor, functorch: frozenset[str] = frozenset()
         else:
             not_timed.append(f"{name}: not timed: {reason}")
     return layers, not_timed
+
+
+def running(fns: dict[tuple[str, str], Callable[[], object]], layers: dict[str, nn.Module], not_timed: list[str],
+            device: torch.device) -> tuple[dict, dict[str, nn.Module], list[str]]:
+    """(fns, layers, not_timed) without the implementations one of whose calls raises, each such
+    named in not_timed with its error: every call runs once, synchronised, so that a CUDA kernel's
+    fault shows at its own call (backends whose double backward or transforms never ran on a GPU)."""
+    failed: dict[str, str] = {}
+    for (impl, case), fn in fns.items():
+        if impl in failed:
+            continue
+        try:
+            fn()
+            synchronize(device)
+        except Exception as e:
+            failed[impl] = f"{impl}: not timed: {case}: {first_line(e)}"
+    return ({key: fn for key, fn in fns.items() if key[0] not in failed},
+            {impl: layer for impl, layer in layers.items() if impl not in failed}, not_timed + list(failed.values()))
 
 
 def report(script: str, argv: list[str], x: torch.Tensor, settings: TimerSettings, heap: str, what: str,

@@ -67,6 +67,22 @@ def test_func_transforms_script_times_every_transform():
         assert rows[transform].count("x)") == 3, rows[transform]
 
 
+def test_one_layer_scripts_leave_out_an_implementation_whose_call_fails():
+    """gradient_penalty and func_transforms time only implementations all of whose calls run; the
+    others are named with their error (the first case that failed) under the table."""
+    from benchmarks.one_layer import running
+
+    def fails():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+    layers = {"nn.Conv2d": torch.nn.Identity(), "triton": torch.nn.Identity()}
+    fns = {("nn.Conv2d", "grad"): lambda: None, ("nn.Conv2d", "jvp"): lambda: None,
+           ("triton", "grad"): lambda: None, ("triton", "jvp"): fails}
+    fns, layers, not_timed = running(fns, layers, ["reference: not timed: why"], torch.device("cpu"))
+    assert list(fns) == [("nn.Conv2d", "grad"), ("nn.Conv2d", "jvp")] and list(layers) == ["nn.Conv2d"]
+    assert not_timed == ["reference: not timed: why",
+                         "triton: not timed: jvp: RuntimeError: CUDA error: an illegal memory access was encountered"]
+
+
 def test_throughput_script_writes_every_report(tmp_path):
     if native.EXTENSION_ERROR is not None:
         skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
