@@ -193,11 +193,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     }
   }
   if (want_input) {
-    // Of an explicitly padded input, a tensor of its own laid out like the input (F.conv2d's is
-    // constant_pad_nd's backward, a new tensor too), not a view that keeps the padded one alive.
-    grad_input = p.x.is_same(input) ? gx
-                                    : at::empty_like(input).copy_(gx.narrow(2, p.top_extra, input.size(2))
-                                                                      .narrow(3, p.left_extra, input.size(3)));
+    // Of an explicitly padded input, a tensor of its own (not a view that keeps the padded one
+    // alive), laid out as the convolution's gradient suggests: F.conv2d's is constant_pad_nd's
+    // backward, a clone of the narrowed gradient.
+    grad_input = p.x.is_same(input)
+                     ? gx
+                     : gx.narrow(2, p.top_extra, input.size(2)).narrow(3, p.left_extra, input.size(3)).clone();
   }
   if (want_bias) grad_bias = gb;
   if (want_weight && weight.has_value()) grad_weight = laid_out_like(grad_weight, *weight);

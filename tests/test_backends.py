@@ -336,21 +336,42 @@ def test_strided_bias_is_read_by_its_strides(name):
     assert rel_err(grad, 2 * y_ref.sum((0, 2, 3))) <= TOL[torch.float64]
 
 
+@pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last], ids=["w-nchw", "w-nhwc"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name", BACKENDS)
-def test_input_gradient_of_asymmetric_padding_is_laid_out_as_f_conv2d_gives_it(name, memory_format):
+def test_input_gradient_of_asymmetric_padding_is_laid_out_as_f_conv2d_gives_it(name, memory_format, weight_format):
     """padding='same' with an even kernel pads the bottom / right pixel explicitly; the input's
-    gradient is then, as F.conv2d's, a tensor of the input's size and layout, not a view into the
-    padded input's gradient (which would keep that alive)."""
+    gradient is then, as F.conv2d's, a tensor of the input's size, laid out as F.conv2d's with a
+    weight in the plain weight's format (channels_last when either is), not a view into the padded
+    input's gradient (which would keep that alive)."""
     case = Case("same-even", MOSAIC, 3, (2, 4), hw=(5, 6), conv=dict(padding="same"))
     (x, akp, weight, bias), layout = case.tensors(torch.float64)
     require(name, case.problem(x, akp, layout))
     x = x.contiguous(memory_format=memory_format)
+    weight = weight.detach().contiguous(memory_format=weight_format).requires_grad_()
     _, (grad_x, *_) = case.run(name, x, akp, weight, bias, layout)
-    expected = torch.autograd.grad(F.conv2d(x.requires_grad_(), torch.randn(len(MOSAIC), 3, 2, 4, dtype=x.dtype,
-                                                                        device=x.device), padding="same").sum(), x)[0]
-    assert grad_x.stride() == expected.stride() == x.stride()
+    w = torch.randn(len(MOSAIC), 3, 2, 4, dtype=x.dtype, device=x.device).contiguous(memory_format=weight_format)
+    expected = torch.autograd.grad(F.conv2d(x.requires_grad_(), w, padding="same").sum(), x)[0]
+    assert grad_x.stride() == expected.stride()
+    assert expected.is_contiguous(memory_format=torch.channels_last if torch.channels_last in (
+        memory_format, weight_format) else torch.contiguous_format)
     assert grad_x.untyped_storage().nbytes() == x.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_same_padding_of_an_even_kernel_on_a_one_pixel_input(name):
+    """'same' with an even kernel on an input one pixel high (and one wide): F.conv2d pads the one
+    extra row or column explicitly, so the input is large enough; every backend runs it, as the
+    reference does, to round-off (the fused backend once asked ATen about the unpadded size)."""
+    for hw in ((1, 4), (3, 1)):
+        case = Case("same-even-1px", MOSAIC, 2, (2, 2), hw=hw, conv=dict(padding="same"))
+        (x, akp, weight, bias), layout = case.tensors(torch.float64)
+        require(name, case.problem(x, akp, layout))
+        y, grads = case.run(name, x, akp, weight, bias, layout)
+        y_ref, grads_ref = case.reference(x, akp, weight, bias, layout)
+        assert y.shape == (2, len(MOSAIC), *hw)
+        for got, want in zip([y, *grads], [y_ref, *grads_ref]):
+            assert rel_err(got, want) <= TOL[torch.float64]
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -64,8 +64,10 @@ def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: 
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad_y, x_p, w.to(x.dtype, memory_format=w_format), [w.shape[0]] if output_mask[2] else None,
         list(conv.stride), symmetric, list(conv.dilation), False, [0, 0], conv.groups, list(output_mask))
-    if gx is not None and x_p is not x:  # a tensor of its own, as F.conv2d's, not a view of the padded one
+    if gx is not None and x_p is not x:
+        # a tensor of its own, not a view of the padded one's, laid out as the convolution's gradient
+        # suggests: F.conv2d's is constant_pad_nd's backward, a clone of the narrowed gradient
         h, w_in = x.shape[-2:]
         i, j = top - symmetric[0], left - symmetric[1]
-        gx = torch.empty_like(x).copy_(gx[..., i:i + h, j:j + w_in])
+        gx = gx[..., i:i + h, j:j + w_in].clone()
     return gx, gw, gb

@@ -416,8 +416,9 @@ def _output_format(x: torch.Tensor, ops: "_Operands") -> torch.memory_format:
     kernel every dtype). Both read only the weight's shape, dtype and strides: a meta W, no memory."""
     w = torch.empty((ops.cog * ops.groups, ops.cg, ops.kh, ops.kw), dtype=x.dtype, device="meta",
                     memory_format=ops.w_format)
-    stride, padding, dilation = ops.geometry[:2], ops.geometry[2:4], ops.geometry[4:]
-    backend = torch._C._select_conv_backend(x, w, None, stride, padding, dilation, False, [0, 0], ops.groups, None)
+    stride, dilation = ops.geometry[:2], ops.geometry[4:]
+    backend = torch._C._select_conv_backend(x, w, None, stride, ops.format_padding, dilation, False, [0, 0], ops.groups,
+                                            None)
     return torch._C._conv_determine_backend_memory_format(x, w, backend)
 
 
@@ -456,8 +457,12 @@ class _Operands:
         self.cg = akp.shape[1]
         self.groups = conv.groups
         self.cog = layout.out_channels // conv.groups
-        top, _, left, _ = conv.explicit_padding(kernel_size)
+        top, bottom, left, right = conv.explicit_padding(kernel_size)
         self.geometry = (*conv.stride, top, left, *conv.dilation)
+        # F.conv2d pads an input with unequal sides ('same', an even dilated kernel) on the larger
+        # ones first (F.pad keeps its memory format), then convolves it: as padding of each side,
+        # the larger stands in for it where only the memory format is asked (_output_format)
+        self.format_padding = (max(top, bottom), max(left, right))
         self.synth = _TORCH_TO_TL[_synth_dtype(akp.dtype)]
 
 
