@@ -38,17 +38,17 @@ from ..validation import Problem, conv_weight_format
 from . import double_backward, library_conv
 from .triton_families import PLAIN, family_value, family_value_and_grads, grid_xy, store_akp_grads
 
-# Float32 elements per program tile ([BLOCK_S, KK_PAD]) at 4 warps; float64 tiles hold half as
-# many (a float64 value takes two registers). Not timed on hardware: the largest tiles that
-# compile for sm_90a without spilling registers to local memory (ptxas -v, kernel sizes 1x1 to
-# 7x7, Triton 3.9 and 3.6: tests/compile_for_sm90.py), registers a thread with Triton 3.9:
-# synthesis float32 77-85, float64 96-116; gradient (~40 live values an element) 84-93 and 92-96.
-# Tiles twice these spilled 4-300 bytes a thread there (the float32 1x1 kernels and every
-# float64 kernel). The interpreter pays ~0.1-0.25 s per program whatever its size, so it gets one
-# big tile.
+# Float32 elements per program tile ([BLOCK_S, KK_PAD]), 8 warps; float64 tiles hold half as many
+# (a float64 value takes two registers). Not timed on hardware: tiles that compile for sm_90a
+# without spilling registers to local memory (ptxas -v, kernel sizes 1x1 to 7x7, float32, bfloat16
+# and float64, Triton 3.9 and 3.6: tests/compile_for_sm90.py), 39-98 registers a thread (the
+# gradient keeps ~40 live values an element). With Triton 3.9, tiles of twice these at 4
+# warps spilled 4-300 bytes a thread (the float32 1x1 kernels and every float64 kernel); these at
+# 4 warps spilled 8 bytes in Triton 3.6's bfloat16 3x3 synthesis. The interpreter pays
+# ~0.1-0.25 s per program whatever its size, so it gets one big tile.
 _SYNTH_TILE = 512
 _GRAD_TILE = 256
-_NUM_WARPS = 4
+_NUM_WARPS = 8
 _INTERPRETER_TILE = 1 << 14
 
 
