@@ -150,10 +150,9 @@ def test_unused_akp_slots_get_exactly_zero_gradient_even_from_an_infinite_input(
     y = acl_conv2d(x, akp, weight, layout, bias, backend=name, **case.conv)
     grad_akp, = torch.autograd.grad(y, akp, torch.ones_like(y))
     used = torch.tensor([AKP_COUNT[Family(layout.codes[o])] for o in layout.analytic_channels])
-    unused = torch.arange(6) >= used[:, None, None]
-    assert unused.any() and not grad_akp[~unused.expand_as(grad_akp)].isfinite().all()  # the case bites
-    assert torch.equal(grad_akp[unused.expand_as(grad_akp)], torch.zeros(int(unused.expand_as(grad_akp).sum()),
-                                                                           dtype=torch.float64))
+    unused = (torch.arange(6) >= used[:, None, None]).expand_as(grad_akp)
+    assert unused.any() and not grad_akp[~unused].isfinite().all()  # the case bites
+    assert (grad_akp[unused] == 0).all()  # NaN fails
 
 
 @pytest.mark.parametrize("ks,conv", [(1, dict(stride=2)), (3, dict(stride=3)), (2, dict(stride=2, dilation=2, padding=1))],
