@@ -22,15 +22,16 @@ import subprocess
 import sys
 import tempfile
 
-import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
+from acl_fused.backends.triton_conv import _TORCH_TO_TL
+
 SHORT = {tl.float16: "fp16", tl.bfloat16: "bf16", tl.float32: "fp32", tl.float64: "fp64", tl.int32: "i32"}
-TORCH = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32, tl.float64: torch.float64}
+TORCH = {tl_dtype: dtype for dtype, tl_dtype in _TORCH_TO_TL.items()}
 
 
 def compile_and_report(fn, pointers: dict, constexprs: dict, tag: str, num_warps: int, num_stages: int = 1) -> None:
