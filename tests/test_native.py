@@ -447,6 +447,10 @@ def opcheck_samples():
         # 1x1 weight is channels_last by its strides only
         ("mosaic-f32-weight-cl-1x1", MOSAIC, torch.float32, (1, 1), dict(stride=2), (2, 3, 5, 4), ("weight",),
          True),
+        # unequal sides ('same', even kernel) with a channels_last weight: the input gradient, cloned
+        # out of the padded input's, channels_last
+        ("mosaic-f32-weight-cl-same-even", MOSAIC, torch.float32, (2, 2), dict(padding="same"), (2, 3, 5, 6),
+         ("weight",), False),
         ("bf16-dilated", MOSAIC, torch.bfloat16, (3, 2), dict(padding=(2, 1), dilation=2), (2, 2, 8, 5), (),
          False),
         ("no-plain", [F_.TGD1, F_.GABOR, F_.LOG], torch.float64, (3, 3), dict(padding="valid"), (1, 2, 5, 5),

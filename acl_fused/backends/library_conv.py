@@ -1,6 +1,6 @@
 """The library convolution (cuDNN / oneDNN through ATen) that the synthesis backends wrap.
 
-Backends that synthesize W with their own kernels and leave the GEMM to torch share these three
+Backends that synthesize W with their own kernels and leave the GEMM to torch share these
 helpers, so padding='same' with even kernels, autocast and channels_last behave exactly as in
 ``torch.nn.functional.conv2d`` everywhere.
 """
@@ -49,6 +49,16 @@ def pad_unequal_sides(x: torch.Tensor, padding: Sequence[int]) -> tuple[torch.Te
     return x, [pad_h, pad_w]
 
 
+def unpadded_gradient(grad_x_padded: torch.Tensor, x: torch.Tensor, padding: Sequence[int],
+                      symmetric: Sequence[int]) -> torch.Tensor:
+    """x's gradient out of its :func:`pad_unequal_sides` copy's: a tensor of its own, not a view of
+    the padded one's, laid out as the convolution's gradient suggests (F.conv2d's is constant_pad_nd's
+    backward, a clone of the narrowed gradient). ``padding``: (top, bottom, left, right)."""
+    h, w = x.shape[-2:]
+    i, j = padding[0] - symmetric[0], padding[2] - symmetric[1]
+    return grad_x_padded[..., i:i + h, j:j + w].clone()
+
+
 def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: ConvArgs,
                   kernel_size: tuple[int, int], output_mask: tuple[bool, bool, bool], w_format: torch.memory_format
                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -58,16 +68,12 @@ def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: 
     Asymmetric padding (padding='same' with an even dilated kernel) is done the way F.conv2d does
     it (:func:`pad_unequal_sides`).
     """
-    top, _, left, _ = padding = conv.explicit_padding(kernel_size)
+    padding = conv.explicit_padding(kernel_size)
     x_p, symmetric = pad_unequal_sides(x, padding)
     grad_y = grad_y.to(x.dtype)
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad_y, x_p, w.to(x.dtype, memory_format=w_format), [w.shape[0]] if output_mask[2] else None,
         list(conv.stride), symmetric, list(conv.dilation), False, [0, 0], conv.groups, list(output_mask))
     if gx is not None and x_p is not x:
-        # a tensor of its own, not a view of the padded one's, laid out as the convolution's gradient
-        # suggests: F.conv2d's is constant_pad_nd's backward, a clone of the narrowed gradient
-        h, w_in = x.shape[-2:]
-        i, j = top - symmetric[0], left - symmetric[1]
-        gx = gx[..., i:i + h, j:j + w_in].clone()
+        gx = unpadded_gradient(gx, x, padding, symmetric)
     return gx, gw, gb

@@ -181,7 +181,8 @@ def _fake_acl_conv2d_backward(grad_output, input, akp, weight, family, row, kern
             grad_output.to(input.dtype), x, w, [family.shape[0]] if want_bias else None, stride, symmetric,
             dilation, False, [0, 0], groups, [want_input, False, want_bias])
         if want_input:
-            grad_input = gx if x is input else torch.empty_like(input)
+            # the C++ kernel's layout (csrc/acl_conv2d.cpp), which torch.compile plans with
+            grad_input = gx if x is input else library_conv.unpadded_gradient(gx, input, padding, symmetric)
         if want_bias:
             grad_bias = gb
     grad_akp, grad_weight = _fake_synthesize_backward(
