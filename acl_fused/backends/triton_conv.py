@@ -34,6 +34,7 @@ per program and is amortised over the program's whole pixel range. Depthwise-lik
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional
 
@@ -590,6 +591,9 @@ class TritonACLConv2d(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 #: CUDA's limit on a launch grid's second and third axes.
 _MAX_GRID_Z = 65535
+#: The kernels index pixels (n, h, w flattened: N x H x W of the padded input, N x H_out x W_out)
+#: in int32, up to one tile (at most 1024 pixels) past the last.
+_MAX_PIXELS = 2**31 - 1024
 
 
 def why_not(problem: Problem) -> Optional[str]:
@@ -608,6 +612,13 @@ def why_not(problem: Problem) -> Optional[str]:
     if problem.conv.groups > _MAX_GRID_Z:
         return (f"groups={problem.conv.groups}: the convolution kernels launch one program column per group, "
                 f"on the launch grid's third axis, which CUDA limits to {_MAX_GRID_Z}")
+    n, _, h, w = problem.input_shape
+    top, bottom, left, right = problem.conv.explicit_padding(problem.kernel_size)
+    pixels = n * max((h + top + bottom) * (w + left + right),
+                     math.prod(problem.conv.output_size((h, w), problem.kernel_size)))
+    if pixels > _MAX_PIXELS:
+        return (f"{pixels} pixels (batch x height x width of the padded input or the output): these kernels "
+                f"index pixels in 32-bit integers, up to {_MAX_PIXELS}")
     return None
 
 

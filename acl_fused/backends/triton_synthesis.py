@@ -146,7 +146,8 @@ def launches_kernels(fn):
 
     Triton launches on the current CUDA device and its stream, so eagerly the call runs with that
     device made current (a layer on cuda:1 while cuda:0 is current would otherwise launch on
-    cuda:0); torch.compile's generated code sets the device itself. torch.compile captures a launch
+    cuda:0); torch.compile's generated code sets the device itself (Inductor's does; aot_eager's
+    launches on the current device, as README.md says). torch.compile captures a launch
     as a kernel call only for compiled kernels on a GPU: an interpreted kernel would be traced as
     Python (the interpreter itself), so it stays eager."""
     if INTERPRETED:
