@@ -32,7 +32,9 @@ def _rotate(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
 
 
 def _gauss(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-u * u / (2 * s * s))
+    # exp(-u²/(2s²)) as exp(-(u/s)²/2): u/s stays finite where u² and s² overflow (a huge raw scale:
+    # (x' - σ)² / σ², for one, would be inf / inf), so finite raw AKPs give finite kernels (SPEC §3)
+    return torch.exp(-0.5 * (u / s) ** 2)
 
 
 def family_kernel(family: Family, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,8 @@ def family_kernel(family: Family, p: torch.Tensor, x: torch.Tensor, y: torch.Ten
     if family == Family.GABOR:
         theta, sigma, gamma, lam, psi = q[1], pos(q[2]), pos(q[3]), pos(q[4]), q[5]
         xr, yr = _rotate(theta, x, y)
-        return a * torch.exp(-(xr * xr + gamma * gamma * yr * yr) / (2 * sigma * sigma)) \
+        # the envelope exp(-(x'² + γ² y'²) / (2σ²)) in x'/σ and γy'/σ, as _gauss
+        return a * torch.exp(-0.5 * ((xr / sigma) ** 2 + (gamma * yr / sigma) ** 2)) \
             * torch.cos(2 * math.pi * xr / lam + psi)
     if family == Family.LOG:
         sigma = pos(q[1])

@@ -167,16 +167,21 @@ template <typename T>
 C10_HOST_DEVICE bool tame_angle(T theta) { return math::all(theta - theta == T(0)); }
 
 // GABOR: K = a exp(-(x'^2 + γ^2 y'^2) / (2σ^2)) cos(2π x'/λ + ψ); AKPs a, θ, s_σ, s_γ, s_λ, ψ.
-// With E the envelope, C, S the cosine and sine of the phase, q = x'^2 + γ^2 y'^2, k = 2π/λ:
-//   dK/dθ = -a E (C x'y' (1 - γ^2)/σ^2 + S k y')   dK/dσ = a C E q/σ^3
-//   dK/dγ = -a C E γ y'^2/σ^2                      dK/dλ = a E S k x'/λ      dK/dψ = -a E S
-// At -p, x' and y' change sign and E, q do not; the phases ±k x' + ψ take their cosines and sines
+// With E the envelope, C, S the cosine and sine of the phase, u = x'/σ, v = γ y'/σ, k = 2π/λ:
+//   E = exp(-(u^2 + v^2) / 2)
+//   dK/dθ = -a E (C (u y'/σ - u v γ) + S k y')     dK/dσ = a C E (u^2 + v^2)/σ
+//   dK/dγ = -a C E v^2/γ                           dK/dλ = a E S k x'/λ      dK/dψ = -a E S
+// In u and v, not x'^2, γ^2 and σ^2, which overflow for raw scales above ~44 (float32) where u and
+// v do not (σ^2 and γ^2 y'^2 both inf made inf * 0 = NaN): finite raw AKPs, finite kernels and
+// gradients (SPEC §3) while pos() is finite. Products with E take E first: where v is huge E is 0
+// and (E v) v is 0, where E (v v) would be 0 * inf.
+// At -p, x', y', u and v change sign and E does not; the phases ±k x' + ψ take their cosines and sines
 // from one sincos(k x') and the per-slice cos ψ, sin ψ. Summing g(p) dK(p) + g(-p) dK(-p), the
 // terms even in (x', y') collect g C (ec below), the odd ones g S with the sign of x' (es).
 template <typename T>
 struct Gabor {
   static constexpr Parity kParity = Parity::kPaired;
-  T a, cos_psi, sin_psi, inv_2s2, gamma2, k, theta_mix;
+  T a, cos_psi, sin_psi, inv_s, k;
   Rotation<T> rot;
   Positive<T> sigma, gamma, lambda;
 
@@ -188,11 +193,8 @@ struct Gabor {
         gamma(src.positive(p[3])),
         lambda(src.positive(p[4])) {
     math::sincos(p[5], sin_psi, cos_psi);
-    const T s2 = sigma.value * sigma.value;
-    inv_2s2 = T(1) / (T(2) * s2);
-    gamma2 = gamma.value * gamma.value;
+    inv_s = T(1) / sigma.value;
     k = T(6.283185307179586) / lambda.value;
-    theta_mix = (T(1) - gamma2) / s2;
   }
   C10_HOST_DEVICE static bool tame(const T* p) {
     return tame_angle(p[1]) && tame_scale(p[2]) && tame_scale(p[3]) && tame_scale(p[4]);
@@ -215,23 +217,22 @@ struct Gabor {
     return plus;
   }
   C10_HOST_DEVICE void finish(T* acc) const {
-    const T s = sigma.value;
     acc[1] *= -a;
-    acc[2] *= a / (s * s * s) * sigma.grow;
-    acc[3] *= -a * gamma.value / (s * s) * gamma.grow;
-    acc[4] *= a * k / lambda.value * lambda.grow;
+    acc[2] *= a * (sigma.grow * inv_s);
+    acc[3] *= -a * (gamma.grow / gamma.value);
+    acc[4] *= a * k * (lambda.grow / lambda.value);
     acc[5] *= -a;
   }
 
  private:
-  // x', y', q, the envelope E = exp(-q / (2σ^2)) and (s, c) = sincos(k x') at grid point (x, y).
+  // x', y', u, v, the envelope E and (s, c) = sincos(k x') at grid point (x, y).
   struct Point {
-    T xr, yr, q, envelope, s, c;
+    T xr, yr, u, v, envelope, s, c;
   };
   template <typename At>
   C10_HOST_DEVICE Point at(T x, T y, At at_) const {
-    const T xr = rot.xr(x, y), yr = rot.yr(x, y), q = xr * xr + gamma2 * yr * yr;
-    Point pt{xr, yr, q, at_.exp_minus(q * inv_2s2), T(0), T(0)};
+    const T xr = rot.xr(x, y), yr = rot.yr(x, y), u = xr * inv_s, v = gamma.value * yr * inv_s;
+    Point pt{xr, yr, u, v, at_.exp_minus(T(0.5) * (u * u + v * v)), T(0), T(0)};
     at_.sincos(k * xr, pt.s, pt.c);
     return pt;
   }
@@ -242,15 +243,16 @@ struct Gabor {
     minus = ae * (even + odd);
   }
   C10_HOST_DEVICE void add_grads_from(const Point& pt, T g_plus, T g_minus, T* acc, T& plus, T& minus) const {
-    const T xr = pt.xr, yr = pt.yr, q = pt.q, envelope = pt.envelope, s = pt.s, c = pt.c;
+    const T xr = pt.xr, yr = pt.yr, u = pt.u, v = pt.v, envelope = pt.envelope, s = pt.s, c = pt.c;
     const T cos_plus = c * cos_psi - s * sin_psi, cos_minus = c * cos_psi + s * sin_psi;
     const T sin_plus = s * cos_psi + c * sin_psi, sin_minus = c * sin_psi - s * cos_psi;
     const T ec = envelope * (g_plus * cos_plus + g_minus * cos_minus);
     const T es = envelope * (g_plus * sin_plus - g_minus * sin_minus);
+    const T ec_u = ec * u, ec_v = ec * v;
     acc[0] += ec;
-    acc[1] += yr * (ec * xr * theta_mix + es * k);
-    acc[2] += ec * q;
-    acc[3] += ec * yr * yr;
+    acc[1] += ec_u * (yr * inv_s) - ec_v * u * gamma.value + yr * es * k;
+    acc[2] += ec_u * u + ec_v * v;
+    acc[3] += ec_v * v;
     acc[4] += es * xr;
     acc[5] += envelope * (g_plus * sin_plus + g_minus * sin_minus);
     plus = a * envelope * cos_plus;
@@ -329,20 +331,22 @@ struct LoT {
 };
 
 // TGD1: K = a (G(x' - σ) - G(x' + σ)) G(y'), G(u) = exp(-u^2 / (2σ^2)); AKPs a, θ, s_σ.
-// With P = G(x' - σ) G(y'), M = G(x' + σ) G(y') (one exp each), D = P - M:
-//   dK/dθ = a y' (P + M) / σ
-//   dK/dσ = a (x' (P (x' - σ) - M (x' + σ)) + D y'^2) / σ^3
+// With u = x'/σ, w = y'/σ, P = G(x' - σ) G(y') = exp(-((u - 1)^2 + w^2) / 2), M likewise with
+// u + 1 (one exp each), D = P - M:
+//   dK/dθ = a w (P + M)
+//   dK/dσ = a (u (P (u - 1) - M (u + 1)) + D w^2) / σ
+// (in u and w: (x' - σ)^2 / (2σ^2) was inf / inf = NaN for raw scales above ~44 in float32).
 template <typename T>
 struct Tgd1 {
   static constexpr Parity kParity = Parity::kOdd;
-  T a, inv_2s2;
+  T a, inv_s;
   Rotation<T> rot;
   Positive<T> sigma;
 
   template <typename Source = FromAkp>
   C10_HOST_DEVICE explicit Tgd1(const T* p, Source src = {})
       : a(p[0]), rot(src.rotation(p[1])), sigma(src.positive(p[2])) {
-    inv_2s2 = T(1) / (T(2) * sigma.value * sigma.value);
+    inv_s = T(1) / sigma.value;
   }
   C10_HOST_DEVICE static bool tame(const T* p) { return tame_angle(p[1]) && tame_scale(p[2]); }
   C10_HOST_DEVICE T value(T x, T y) const { return value_from(lobes(x, y)); }
@@ -350,34 +354,33 @@ struct Tgd1 {
   C10_HOST_DEVICE T centre() const { return value_from(centre_lobes()); }
   C10_HOST_DEVICE T add_centre_grad(T g, T* acc) const { return add_grad_from(centre_lobes(), g, acc); }
   C10_HOST_DEVICE void finish(T* acc) const {
-    const T s = sigma.value;
-    acc[1] *= a / s;
-    acc[2] *= a / (s * s * s) * sigma.grow;
+    acc[1] *= a;
+    acc[2] *= a * (sigma.grow * inv_s);
   }
 
  private:
-  // x', y', P and M at grid point (x, y).
+  // u, w, P and M at grid point (x, y).
   struct Lobes {
-    T xr, yr, plus, minus;
+    T u, w, plus, minus;
   };
   C10_HOST_DEVICE Lobes lobes(T x, T y) const {
-    const T xr = rot.xr(x, y), yr = rot.yr(x, y), s = sigma.value, across = yr * yr;
-    return {xr, yr, math::exp(-((xr - s) * (xr - s) + across) * inv_2s2),
-            math::exp(-((xr + s) * (xr + s) + across) * inv_2s2)};
+    const T u = rot.xr(x, y) * inv_s, w = rot.yr(x, y) * inv_s, across = w * w;
+    return {u, w, math::exp(T(-0.5) * ((u - T(1)) * (u - T(1)) + across)),
+            math::exp(T(-0.5) * ((u + T(1)) * (u + T(1)) + across))};
   }
-  // The lobes' exponents are not 0 at the centre, but equal there ((0 - σ)^2 = (0 + σ)^2): one exp.
+  // The lobes' exponents are not 0 at the centre, but equal there ((0 - 1)^2 = (0 + 1)^2): one exp.
   C10_HOST_DEVICE Lobes centre_lobes() const {
-    const T xr = rot.xr(T(0), T(0)), yr = rot.yr(T(0), T(0)), s = sigma.value;
-    const T both = math::exp(-((xr - s) * (xr - s) + yr * yr) * inv_2s2);
-    return {xr, yr, both, both};
+    const T u = rot.xr(T(0), T(0)) * inv_s, w = rot.yr(T(0), T(0)) * inv_s;
+    const T both = math::exp(T(-0.5) * ((u - T(1)) * (u - T(1)) + w * w));
+    return {u, w, both, both};
   }
   C10_HOST_DEVICE T value_from(const Lobes& l) const { return a * (l.plus - l.minus); }
   C10_HOST_DEVICE T add_grad_from(const Lobes& l, T g, T* acc) const {
-    const T xr = l.xr, yr = l.yr, s = sigma.value;
+    const T u = l.u, w = l.w;
     const T gp = g * l.plus, gm = g * l.minus, d = gp - gm;
     acc[0] += d;
-    acc[1] += yr * (gp + gm);
-    acc[2] += xr * (gp * (xr - s) - gm * (xr + s)) + d * yr * yr;
+    acc[1] += w * (gp + gm);
+    acc[2] += u * (gp * (u - T(1)) - gm * (u + T(1))) + d * w * w;
     return value_from(l);
   }
 };

@@ -136,6 +136,35 @@ def test_nan_in_any_used_akp_slot_gives_nan_where_the_reference_has(name, dtype,
     assert rel_err(y.nan_to_num(), y_ref.nan_to_num()) <= TOL[dtype]
 
 
+#: Raw scales (s_σ, s_γ, s_λ, s_ρ) up to which kernels and AKP gradients are finite on every backend
+#: (README.md, huge raw AKPs): exp overflows at 88.7 (float32) and 709.8 (float64). Gabor's and TGD1's
+#: formulas squared γ and σ, NaN from 44.4 (float32) and 354.9 (float64) before they were rewritten.
+FINITE_RAW_SCALE = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: x'^2, σ^2
+@pytest.mark.parametrize("kernel_size", [(3, 3), (1, 1), (11, 11)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_huge_raw_scales_give_finite_kernels_and_gradients(name, dtype, kernel_size):
+    """SPEC §3 (pos(s) = exp(s) + 1e-3: finite raw values, finite kernels) within the range that
+    floating point gives it: every scale of every family at FINITE_RAW_SCALE, and at minus it."""
+    case = Case("huge", MOSAIC, 2, kernel_size, hw=(4, 5), conv=dict(padding=kernel_size[0] // 2))
+    (x, akp, weight, bias), layout = case.tensors(dtype)
+    require(name, case.problem(x, akp, layout))
+    scale_slots = {F_.GABOR: (2, 3, 4), F_.LOG: (1,), F_.LOT: (1,), F_.TGD1: (2,), F_.TGD2: (2,)}
+    for r, o in enumerate(layout.analytic_channels):
+        for k in scale_slots.get(Family(layout.codes[o]), ()):
+            akp[r, 0, k], akp[r, 1, k] = FINITE_RAW_SCALE[dtype], -FINITE_RAW_SCALE[dtype]
+    akp.requires_grad_()
+    w = synthesize(akp, weight, layout, kernel_size, backend=name)
+    grad_akp, = torch.autograd.grad(w, akp, torch.ones_like(w))
+    assert w.isfinite().all() and grad_akp.isfinite().all()
+    y = acl_conv2d(x, akp, weight, layout, bias, backend=name, **case.conv)
+    grad_akp, = torch.autograd.grad(y, akp, torch.ones_like(y))
+    assert y.isfinite().all() and grad_akp.isfinite().all()
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("name", BACKENDS)
 def test_unused_akp_slots_get_exactly_zero_gradient_even_from_an_infinite_input(name):

@@ -108,16 +108,18 @@ def _terms(code, p1, p2, p3, p4, p5, x, y):
     yr = -x * sin_t + y * cos_t
     r2 = x * x + y * y
     two_s2 = 2 * sig * sig
-    # exponents of the two Gaussian envelopes (one exp each, whatever the family)
-    q_gabor = xr * xr + gam * gam * yr * yr
+    # Gabor's and TGD1's exponents in x'/σ, y'/σ and γy'/σ, which stay finite where x'^2, σ^2 and
+    # γ^2 overflow (raw scales above ~44 in float32: inf / inf, inf * 0), as csrc/families.h
+    xs = xr / sig
+    ys = yr / sig
+    gys = gam * yr / sig
     t_log = r2 / two_s2
-    u_minus = xr - sig
-    u_plus = xr + sig
     yr2 = yr * yr
-    e1 = tl.where(code == GABOR, -q_gabor / two_s2,
+    # exponents of the two Gaussian envelopes (one exp each, whatever the family)
+    e1 = tl.where(code == GABOR, -0.5 * (xs * xs + gys * gys),
                   tl.where(code == LOG, -t_log,
-                           tl.where(code == TGD1, -(u_minus * u_minus + yr2) / two_s2, -r2 / two_s2)))
-    e2 = tl.where(code == TGD1, -(u_plus * u_plus + yr2) / two_s2, -(0.25 * (xr * xr) + yr2) / two_s2)
+                           tl.where(code == TGD1, -0.5 * ((xs - 1) * (xs - 1) + ys * ys), -r2 / two_s2)))
+    e2 = tl.where(code == TGD1, -0.5 * ((xs + 1) * (xs + 1) + ys * ys), -(0.25 * (xr * xr) + yr2) / two_s2)
     env1 = tl.exp(e1)
     env2 = tl.exp(e2)
     phase = two_pi * xr / lam + p5
@@ -125,7 +127,7 @@ def _terms(code, p1, p2, p3, p4, p5, x, y):
     r = tl.sqrt(r2)
     u_in = 1 - r / sig
     u_out = 1 - r / (2 * sig)
-    return (exp_sig, sig, exp_gam, gam, exp_lam, lam, xr, yr, r2, q_gabor, t_log,
+    return (exp_sig, sig, exp_gam, gam, exp_lam, lam, xr, yr, xs, ys, gys, r2, t_log,
             env1, env2, phase, r, u_in, u_out)
 
 
@@ -151,7 +153,7 @@ def _shape(code, env1, env2, cos_phase, t_log, u_in, u_out, inv_area):
 def family_value(code, a, p1, p2, p3, p4, p5, x, y, inv_area):
     """K of family ``code`` at (x, y) for raw AKPs a, p1..p5 (0 for PLAIN); see the module doc."""
     p1, p2, p3, p4, p5, x, y, inv_area = _as_dtype_of(a, p1, p2, p3, p4, p5, x, y, inv_area)
-    (exp_sig, sig, exp_gam, gam, exp_lam, lam, xr, yr, r2, q_gabor, t_log,
+    (exp_sig, sig, exp_gam, gam, exp_lam, lam, xr, yr, xs, ys, gys, r2, t_log,
      env1, env2, phase, r, u_in, u_out) = _terms(code, p1, p2, p3, p4, p5, x, y)
     return a * _shape(code, env1, env2, tl.cos(phase), t_log, u_in, u_out, inv_area)
 
@@ -165,7 +167,7 @@ def family_value_and_grads(code, a, p1, p2, p3, p4, p5, x, y, inv_area):
     """
     p1, p2, p3, p4, p5, x, y, inv_area = _as_dtype_of(a, p1, p2, p3, p4, p5, x, y, inv_area)
     two_pi = tl.full([], TWO_PI, a.dtype)
-    (exp_sig, sig, exp_gam, gam, exp_lam, lam, xr, yr, r2, q_gabor, t_log,
+    (exp_sig, sig, exp_gam, gam, exp_lam, lam, xr, yr, xs, ys, gys, r2, t_log,
      env1, env2, phase, r, u_in, u_out) = _terms(code, p1, p2, p3, p4, p5, x, y)
     cos_phase = tl.cos(phase)
     sin_phase = tl.sin(phase)
@@ -175,18 +177,22 @@ def family_value_and_grads(code, a, p1, p2, p3, p4, p5, x, y, inv_area):
     sig2 = sig * sig
     sig3 = sig2 * sig
     # d/dtheta uses d xr/dtheta = yr, d yr/dtheta = -xr; d/ds = d/dq * exp(s) for q = pos(s)
+    # Gabor's products with the envelope take it first: (a E v) v is 0 where v is huge, a E (v v)
+    # would be 0 * inf
     a_env = a * env1
-    gabor_dtheta = a_env * (cos_phase * (-(xr * yr) * (1 - gam * gam) / sig2)
-                            - sin_phase * (two_pi * yr / lam))
-    gabor_dsig = a_env * cos_phase * (q_gabor / sig3) * exp_sig
-    gabor_dgam = a_env * cos_phase * (-(gam * yr * yr) / sig2) * exp_gam
-    gabor_dlam = a_env * sin_phase * (two_pi * xr / (lam * lam)) * exp_lam
+    a_env_xs = a_env * xs
+    a_env_gys = a_env * gys
+    gabor_dtheta = (cos_phase * (a_env_gys * xs * gam - a_env_xs * ys)
+                    - a_env * sin_phase * (two_pi * yr / lam))
+    gabor_dsig = cos_phase * (a_env_xs * xs + a_env_gys * gys) * (exp_sig / sig)
+    gabor_dgam = -cos_phase * (a_env_gys * gys) * (exp_gam / gam)
+    gabor_dlam = a_env * sin_phase * (two_pi * xr / lam) * (exp_lam / lam)
     gabor_dpsi = -a_env * sin_phase
     log_dsig = a_env * (2 * t_log * (2 - t_log) / sig) * exp_sig
     lot_drho = a * (tl.where(u_in > 0, r / sig2, 0) - 0.25 * tl.where(u_out > 0, r / (2 * sig2), 0)) * exp_sig
     lobes_sum = a * (env1 + env2)
-    tgd1_dtheta = lobes_sum * yr / sig
-    tgd1_dsig = (a * (env1 - env2) * (r2 / sig3) - lobes_sum * (xr / sig2)) * exp_sig
+    tgd1_dtheta = lobes_sum * ys
+    tgd1_dsig = a * (xs * (env1 * (xs - 1) - env2 * (xs + 1)) + (env1 - env2) * (ys * ys)) * (exp_sig / sig)
     tgd2_dtheta = -0.375 * a * env2 * (xr * yr) / sig2
     tgd2_dsig = a * (env1 * r2 - 0.5 * env2 * (0.25 * (xr * xr) + yr * yr)) / sig3 * exp_sig
 
