@@ -250,6 +250,7 @@ def test_why_not_names_the_missing_piece(monkeypatch):
     many_groups = dataclasses.replace(many_groups, device=torch.device("cuda"))
     assert "groups=65536" in tc.why_not(many_groups)
     assert tc.why_not(dataclasses.replace(many_groups, conv=ConvArgs.make(groups=65535))) is None
+
     def huge(width, padding=0):  # pixels in int32: 1024 x (2**21 - 1) is the most there is room for
         problem = make_problem(torch.empty(1, 1, 6, device="meta"), make_layout({"mean": 1}, 1), (1, 1),
                                torch.empty(1, 1, 1024, width, device="meta"), ConvArgs.make(padding=padding))
