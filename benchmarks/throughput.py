@@ -465,6 +465,9 @@ class SweepStopped(BaseException):
 
 
 def stop_sweep(signum: int, frame) -> None:
+    # Once: timeout(1) signals the process and then its group, and a second SweepStopped raised
+    # while the first unwinds would lose the report.
+    signal.signal(signum, signal.SIG_IGN)
     raise SweepStopped(f"stopped by {signal.Signals(signum).name}")
 
 

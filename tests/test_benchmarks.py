@@ -128,6 +128,23 @@ def test_throughput_script_stopped_by_an_error_still_writes_its_report(tmp_path,
         in report
 
 
+def test_throughput_sweep_stops_once_on_a_repeated_sigterm():
+    """timeout(1) signals the sweep and then its process group: the second SIGTERM, arriving while
+    the first one's SweepStopped unwinds, must not raise again (that one would escape main() and
+    lose the report)."""
+    import os
+    import signal
+
+    from benchmarks.throughput import SweepStopped, stop_sweep
+    previous = signal.signal(signal.SIGTERM, stop_sweep)
+    try:
+        with pytest.raises(SweepStopped, match="stopped by SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)   # ignored: nothing raised, the process lives on
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_step_profile_reports_where_each_step_goes(tmp_path):
     """python -m benchmarks.step_profile: per implementation a row of wall and host ms a step, and
     the operators that took the most (here, on the CPU, by self time): native's own ops (its
