@@ -135,7 +135,7 @@ case " $stages " in *" bench "*)
     # the report on any target missed.
     sweep quick 70 --quick --backends native,reference
     [ "$DEVICE" = cuda ] && compile_triton 55
-    sweep quick-triton 45 --quick --sections layers --backends triton,triton_fused
+    sweep quick-triton 45 --quick --sections synthesis,layers --backends triton,triton_fused
     step profile 45 "$PY" -m benchmarks.step_profile --device "$DEVICE" --out "$OUT"
 esac
 case " $stages " in *" wide "*)
