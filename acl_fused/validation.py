@@ -78,9 +78,11 @@ def conv_weight_format(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch
     suggests it (:func:`suggests_channels_last`), else contiguous. With W in it torch's convolution
     lays out the output (and the input gradient) as nn.Conv2d's with that input and a weight in the
     plain weight's format: after ``layer.to(memory_format=torch.channels_last)`` the output is
-    channels_last for a contiguous input too. A layer without plain channels follows its input."""
+    channels_last for a contiguous input too. A layer without plain channels follows its input.
+    Under ``vmap`` W's layout is left as it comes (``torch.preserve_format``): a batched tensor's
+    memory format cannot be set (its physical rank is 5), nor does nn.Conv2d set one there."""
     if suggests_channels_last(x) or (weight is not None and suggests_channels_last(weight)):
-        return torch.channels_last
+        return torch.preserve_format if "vmap" in functorch_transforms() else torch.channels_last
     return torch.contiguous_format
 
 

@@ -37,15 +37,22 @@ PaddedInput pad_input(const at::Tensor& input, at::IntArrayRef padding) {
   return out;
 }
 
-void check_conv_args(const at::Tensor& input, const at::Tensor& akp, int64_t c_out, at::IntArrayRef stride,
-                     at::IntArrayRef dilation, int64_t groups) {
+// Every argument's shape, dtype and device (synthesize's checks too: the backward may never call
+// it); the synthesis problem's sizes.
+SynthesisShape check_conv_args(const at::Tensor& input, const at::Tensor& akp, const std::optional<at::Tensor>& weight,
+                               const at::Tensor& family, const at::Tensor& row, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups) {
+  const SynthesisShape s = check_synthesize_args(akp, weight, family, row, kernel_size);
   TORCH_CHECK(input.dim() == 4, "acl_fused: input must have shape [N, C_in, H, W], got ", input.sizes());
   TORCH_CHECK(input.device() == akp.device(), "acl_fused: input and akp must be on the same device, got ",
               input.device(), " and ", akp.device());
-  TORCH_CHECK(groups >= 1 && input.size(1) == akp.size(1) * groups && c_out % groups == 0,
-              "acl_fused: input has ", input.size(1), " channels, expected C_in/groups * groups = ", akp.size(1),
-              " * ", groups, " with ", c_out, " output channels divisible by groups");
-  TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, "acl_fused: stride and dilation must be pairs");
+  TORCH_CHECK(groups >= 1 && input.size(1) == s.cg * groups && s.c_out % groups == 0,
+              "acl_fused: input has ", input.size(1), " channels, expected C_in/groups * groups = ", s.cg,
+              " * ", groups, " with ", s.c_out, " output channels divisible by groups");
+  const auto positive_pair = [](at::IntArrayRef v) { return v.size() == 2 && v[0] >= 1 && v[1] >= 1; };
+  TORCH_CHECK(positive_pair(stride) && positive_pair(dilation),
+              "acl_fused: stride and dilation must be pairs of positive ints, got ", stride, " and ", dilation);
+  return s;
 }
 
 // The memory format W is synthesized in: channels_last where the input or the plain weight suggests
@@ -116,7 +123,7 @@ at::Tensor acl_conv2d(const at::Tensor& input, const at::Tensor& akp, const std:
                       const at::Tensor& family, const at::Tensor& row, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, int64_t groups) {
-  check_conv_args(input, akp, family.size(0), stride, dilation, groups);
+  check_conv_args(input, akp, weight, family, row, kernel_size, stride, dilation, groups);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == family.size(0) && bias->scalar_type() == input.scalar_type(),
                 "acl_fused: bias must be a [", family.size(0), "] tensor of input's dtype ", input.scalar_type(),
@@ -136,8 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
     const std::optional<at::Tensor>& weight, const at::Tensor& family, const at::Tensor& row,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, std::array<bool, 4> output_mask) {
-  const int64_t c_out = family.size(0);
-  check_conv_args(input, akp, c_out, stride, dilation, groups);
+  const int64_t c_out = check_conv_args(input, akp, weight, family, row, kernel_size, stride, dilation, groups).c_out;
   const bool want_input = output_mask[0], want_akp = output_mask[1], want_weight = output_mask[2];
   const bool want_bias = output_mask[3], want_w = want_akp || want_weight;
 
@@ -154,6 +160,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   const at::ScalarType dtype = input.scalar_type();
   const at::MemoryFormat memory_format = weight_format(input, weight);
   const PaddedInput p = pad_input(input, padding);
+  // ATen's convolution backward does not check every size of it (float64 on the CPU reads past a
+  // grad_output of too small a batch).
+  const auto output_size = [&](int d) {
+    return (p.x.size(2 + d) + 2 * p.symmetric[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
+  };
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) && grad_output.size(1) == c_out &&
+                  grad_output.size(2) == output_size(0) && grad_output.size(3) == output_size(1),
+              "acl_fused: grad_output must have shape [", input.size(0), ", ", c_out, ", ", output_size(0), ", ",
+              output_size(1), "], got ", grad_output.sizes());
   const std::vector<int64_t> bias_sizes{c_out};
   const at::Tensor grad_y = in_dtype(grad_output, dtype);
   const auto convolution_backward = [&](const at::Tensor& w, std::array<bool, 3> mask) {

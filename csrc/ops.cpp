@@ -6,6 +6,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "families.h"
@@ -84,14 +85,21 @@ int64_t check_layout_tensors(const at::Tensor& akp, const at::Tensor& family, co
   return family.size(0);
 }
 
+// A kernel's kH x kW: positive, with few enough points for the kernels' int indices.
+void check_kernel_points(int64_t kh, int64_t kw, const char* what) {
+  TORCH_CHECK(kh >= 1 && kw >= 1, "acl_fused: ", what, " must be two positive ints, got ", kh, " x ", kw);
+  TORCH_CHECK(kh <= std::numeric_limits<int>::max() / kw, "acl_fused: ", what, " ", kh, " x ", kw,
+              " has more than 2^31 - 1 points");
+}
+
 }  // namespace
 
 SynthesisShape check_synthesize_args(const at::Tensor& akp, const std::optional<at::Tensor>& weight,
                                      const at::Tensor& family, const at::Tensor& row,
                                      at::IntArrayRef kernel_size) {
   check_akp(akp);
-  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1,
-              "acl_fused: kernel_size must be two positive ints, got ", kernel_size);
+  TORCH_CHECK(kernel_size.size() == 2, "acl_fused: kernel_size must be two positive ints, got ", kernel_size);
+  check_kernel_points(kernel_size[0], kernel_size[1], "kernel_size");
   const int64_t c_out = check_layout_tensors(akp, family, row);
   SynthesisShape shape{c_out, akp.size(1), kernel_size[0], kernel_size[1], akp.size(0), 0};
   if (weight.has_value()) {
@@ -116,6 +124,7 @@ SynthesisShape check_synthesize_backward_args(const at::Tensor& grad_W, const at
   const int64_t c_out = check_layout_tensors(akp, family, row);
   TORCH_CHECK(grad_W.dim() == 4 && grad_W.size(0) == c_out && grad_W.size(1) == akp.size(1),
               "acl_fused: grad_W must have shape [", c_out, ", ", akp.size(1), ", kH, kW], got ", grad_W.sizes());
+  check_kernel_points(grad_W.size(2), grad_W.size(3), "grad_W's kH and kW");
   TORCH_CHECK(is_float_type(grad_W.scalar_type()), "acl_fused: grad_W must be a floating-point tensor, got ",
               grad_W.scalar_type());
   TORCH_CHECK(grad_W.device() == akp.device(), "acl_fused: grad_W must be on akp's device ", akp.device(),

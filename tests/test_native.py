@@ -435,6 +435,54 @@ def test_bad_arguments_raise_clear_errors(extension):
                                 [True, True])
 
 
+def test_raw_ops_check_every_size_they_read(extension):
+    """The raw ops check what the module never gets wrong but a direct call can, before any kernel
+    reads it (found with ASan / UBSan): a grad_W without width (the tiles divided by it: SIGFPE),
+    a kernel_size of one int (read past it), a weight that does not match kernel_size where the
+    backward needs no W, a grad_output of the wrong batch (float64's convolution backward read past
+    it and returned garbage), a zero stride."""
+    akp, weight, layout = make_inputs(MOSAIC, 3, (3, 3))
+    family, row = layout_args(layout)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grad_y = torch.randn(2, len(MOSAIC), 8, 8, dtype=torch.float64)
+    no_width = torch.randn(len(MOSAIC), 3, 3, 0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="grad_W's kH and kW must be two positive ints, got 3 x 0"):
+        ops.synthesize_backward(no_width, akp, family, row, [True, True])
+    with pytest.raises(RuntimeError, match="grad_W's kH and kW must be two positive ints"):
+        ops.synthesize_backward_jvp(akp, None, no_width, akp, family, row, [True, True])
+
+    def backward(grad_output=grad_y, kernel_size=(3, 3), stride=(1, 1), mask=(True, True, True, False)):
+        return ops.acl_conv2d_backward(grad_output, x, akp, weight, family, row, list(kernel_size), list(stride),
+                                       [1] * 4, [1, 1], 1, list(mask))
+    with pytest.raises(RuntimeError, match=r"kernel_size must be two positive ints, got \[3\]"):
+        backward(kernel_size=(3,))
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[P, 3, 1, 1\], got \[3, 3, 3, 3\]"):
+        backward(kernel_size=(1, 1), mask=(False, False, True, False))
+    with pytest.raises(RuntimeError, match=r"grad_output must have shape \[2, 11, 8, 8\], got \[1, 11, 8, 8\]"):
+        backward(grad_output=grad_y[:1])
+    with pytest.raises(RuntimeError, match="stride and dilation must be pairs of positive ints"):
+        backward(stride=(0, 1))
+    with pytest.raises(RuntimeError, match="kernel_size 70000 x 70000 has more than 2\\^31 - 1 points"):
+        ops.synthesize(akp[:, :0], weight[:, :0, :1, :1].expand(-1, -1, 70000, 70000), family, row, [70000, 70000])
+    grads = backward()   # and the sizes the checks want are the right ones
+    assert [tuple(g.shape) for g in grads[:3]] == [tuple(x.shape), tuple(akp.shape), tuple(weight.shape)]
+
+
+def test_synthesis_reads_akp_at_any_storage_offset(extension):
+    """The AVX2 tiles load an AKP row's last two slots as one 8-byte word: an akp starting at an odd
+    float offset (a view) must give the same W and gradients as a copy of it."""
+    akp, weight, layout = make_inputs(MOSAIC, 9, (3, 3), dtype=torch.float32)
+    family, row = layout_args(layout)
+    shifted = torch.empty(akp.numel() + 1)[1:].view(akp.shape).copy_(akp)
+    assert shifted.storage_offset() == 1
+    torch.testing.assert_close(ops.synthesize(shifted, weight, family, row, [3, 3]),
+                               ops.synthesize(akp, weight, family, row, [3, 3]), rtol=0, atol=0)
+    grad_W = torch.randn(len(MOSAIC), 9, 3, 3)
+    for got, want in zip(ops.synthesize_backward(grad_W, shifted, family, row, [True, True]),
+                         ops.synthesize_backward(grad_W, akp, family, row, [True, True])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # -- opcheck: schema, fake kernels, autograd registration, AOT dispatch ---------------------------
 def opcheck_samples():
     """(id, codes, dtype, kernel_size, conv args, input shape, what is channels_last, bias)."""

@@ -109,6 +109,27 @@ def test_layouts_without_plain_or_analytic_channels(layout, name):
                                rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels_last", ["input", "layer"])
+@pytest.mark.parametrize("name", ["ensemble", "per_sample_grads", "jacrev", "vmap_of_jvp", "hessian"])
+def test_transforms_with_a_channels_last_input_or_layer(name, channels_last):
+    """A channels_last input or layer under vmap, where W is a batched tensor whose memory format
+    cannot be set (an ensemble raised "required rank 4 tensor to use channels_last format" on both
+    backends): as nn.Conv2d, no layout is imposed there. The ensemble is checked against its
+    parameter sets run one by one, without vmap."""
+    ms = layers(padding=1, stride=(1, 2))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    if channels_last == "layer":
+        ms = {k: m.to(memory_format=torch.channels_last) for k, m in ms.items()}
+    else:
+        x = x.to(memory_format=torch.channels_last)
+    want = TRANSFORMS[name](ms["reference"], x)
+    torch.testing.assert_close(TRANSFORMS[name](ms["native"], x), want, rtol=1e-9, atol=1e-12)
+    if name == "ensemble":
+        sets = [{k: f(v) for k, v in parameters(ms["native"]).items()} for f in (lambda v: v, lambda v: 1.5 * v, torch.sin)]
+        torch.testing.assert_close(want, torch.stack([functional_call(ms["native"], p, (x,)) for p in sets]),
+                                   rtol=1e-9, atol=1e-12)
+
+
 def test_float32_within_spec_tolerance_of_the_float64_reference():
     """SPEC §6's float32 bound (1e-5 relative) on per-sample gradients and a jvp."""
     ms = layers(MOSAIC, padding=1)

@@ -125,7 +125,7 @@ inline void transpose8x8(__m256 (&r)[8]) {
 // Lanes [0, 6) from p[0..5], lanes 6 and 7 zero: one row of kAkpSlots values without reading past it.
 inline __m256 load_slots(const float* p) {
   const __m128 low = _mm_loadu_ps(p);
-  const __m128 high = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p + 4)));
+  const __m128 high = _mm_castsi128_ps(_mm_loadu_si64(p + 4));  // p is only float-aligned
   return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
 }
 
@@ -152,7 +152,7 @@ void store_akp_grad(const Vec* grad, int lanes, float* grad_akp) {
   for (int l = 0; l < lanes; ++l) {
     float* dst = grad_akp + l * kAkpSlots;
     _mm_storeu_ps(dst, _mm256_castps256_ps128(rows[l]));
-    _mm_store_sd(reinterpret_cast<double*>(dst + 4), _mm_castps_pd(_mm256_extractf128_ps(rows[l], 1)));
+    _mm_storeu_si64(dst + 4, _mm_castps_si128(_mm256_extractf128_ps(rows[l], 1)));
   }
 }
 
