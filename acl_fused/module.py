@@ -432,7 +432,7 @@ def init_akp(layout: Layout, cg: int, kernel_size: tuple[int, int], fan_in: int,
             if family == Family.GABOR:
                 p[:, 2] = pos_inverse(_SIGMA_FRAC[family] * k * jitter)
                 p[:, 3] = pos_inverse(torch.full((n,), _GABOR_GAMMA, dtype=torch.float64))
-                p[:, 4] = pos_inverse(max(2.0, k / 2) * jitter)   # wavelength >= 2 px (Nyquist)
+                p[:, 4] = pos_inverse((max(2.0, k / 2) * jitter).clamp(min=2.0))   # wavelength >= 2 px (Nyquist)
                 p[:, 5] = torch.empty(n, dtype=torch.float64).uniform_(-math.pi, math.pi)
             elif family in (Family.LOG, Family.TGD1, Family.TGD2):
                 p[:, 1 if family == Family.LOG else 2] = pos_inverse(_SIGMA_FRAC[family] * k * jitter)

@@ -161,14 +161,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   const at::MemoryFormat memory_format = weight_format(input, weight);
   const PaddedInput p = pad_input(input, padding);
   // ATen's convolution backward does not check every size of it (float64 on the CPU reads past a
-  // grad_output of too small a batch).
+  // grad_output of too small a batch). An input without channels has an output without channels.
+  const int64_t output_channels = input.size(1) == 0 ? 0 : c_out;
   const auto output_size = [&](int d) {
     return (p.x.size(2 + d) + 2 * p.symmetric[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
   };
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) && grad_output.size(1) == c_out &&
-                  grad_output.size(2) == output_size(0) && grad_output.size(3) == output_size(1),
-              "acl_fused: grad_output must have shape [", input.size(0), ", ", c_out, ", ", output_size(0), ", ",
-              output_size(1), "], got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) &&
+                  grad_output.size(1) == output_channels && grad_output.size(2) == output_size(0) &&
+                  grad_output.size(3) == output_size(1),
+              "acl_fused: grad_output must have shape [", input.size(0), ", ", output_channels, ", ", output_size(0),
+              ", ", output_size(1), "], got ", grad_output.sizes());
   const std::vector<int64_t> bias_sizes{c_out};
   const at::Tensor grad_y = in_dtype(grad_output, dtype);
   const auto convolution_backward = [&](const at::Tensor& w, std::array<bool, 3> mask) {

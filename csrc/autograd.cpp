@@ -47,7 +47,8 @@ template <typename... Tensors>
 void refuse_forward_ad(const char* op, const Tensors&... tensors) {
   TORCH_CHECK(!(has_tangent(tensors) || ...), "acl_fused native backend: forward-mode AD (torch.func.jvp, "
               "torch.func.jacfwd, torch.autograd.forward_ad) through ", op,
-              " is not supported; use backend='reference' for it");
+              " is not supported; call it through acl_fused.synthesize / acl_conv2d / AnalyticConv2d, whose "
+              "native backend takes part in forward mode, or use backend='reference'");
 }
 
 class SynthesizeFunction : public torch::autograd::Function<SynthesizeFunction> {

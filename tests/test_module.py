@@ -134,11 +134,12 @@ def test_init_orientations_and_scales(kernel_size):
         # and shuffled: not increasing along the channels
         assert not torch.all(nat[name]["theta"].flatten().diff() > 0)
 
-    def within(v: torch.Tensor, centre: float) -> bool:   # +-25% jitter: U(0.8, 1.25) x centre
+    def within(v: torch.Tensor, centre: float) -> bool:   # the jitter: U(0.8, 1.25) x centre
         return bool(torch.all(v >= 0.8 * centre - 1e-5) and torch.all(v <= 1.25 * centre + 1e-5))
 
     assert within(nat["GABOR"]["sigma"], k / 4)
     assert within(nat["GABOR"]["lambda"], max(2.0, k / 2))
+    assert torch.all(nat["GABOR"]["lambda"] >= 2.0 - 1e-5)   # the jitter keeps the wavelength at 2 px or more
     torch.testing.assert_close(nat["GABOR"]["gamma"], torch.ones(2, 8))
     assert torch.all(nat["GABOR"]["psi"].abs() <= math.pi)
     for name in ("LOG", "TGD1", "TGD2"):
