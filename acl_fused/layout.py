@@ -105,6 +105,11 @@ class Layout:
                 cached[f"rows_{int(f)}"] = t(rows)
             if not torch.compiler.is_compiling() and all(type(v) is torch.Tensor for v in cached.values()):
                 self._device_cache[device] = cached
+        if torch.compiler.is_compiling():
+            # Their sizes are the layout's: under torch.compile(dynamic=True) they would become symbols,
+            # and C_out with them (Inductor then failed to lower a channels_last backward).
+            for v in cached.values():
+                torch._dynamo.mark_static(v)
         return cached
 
     def __eq__(self, other: object) -> bool:

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from acl_fused import AKP_COUNT, AnalyticConv2d, BackendUnavailable, Family
+from acl_fused.backends import native
 from acl_fused.families import ANALYTIC_FAMILIES, pos
+from conftest import skip_or_fail_unavailable
 
 ALL_FAMILIES = [Family.TGD2, Family.PLAIN, Family.GABOR, Family.MEAN, Family.LOG, Family.PLAIN, Family.LOT,
                 Family.TGD1, Family.GABOR]
@@ -773,6 +775,34 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(y_c, y, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_torch_compile_with_dynamic_shapes_keeps_the_channel_count_static(backend):
+    """torch.compile(dynamic=True) makes graph inputs' sizes symbols, the layout's index tensors'
+    too: C_out then became one, and Inductor failed to lower the backward of a dilated convolution
+    of a channels_last input (ValueRangeError, reference backend; nn.Conv2d, whose parameters keep
+    static sizes, compiled). The layout's tensors are marked static: in the traced graph the output
+    has C_out channels, a number, beside symbolic batch and map sizes. (aot_eager: the graph is what
+    Inductor would lower; the Inductor run itself, minutes of C++ compile here, was checked by hand.)"""
+    if backend == "native" and native.EXTENSION_ERROR is not None:
+        skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+    m = layer(4, 8, 2, dilation=2, bias=False, backend=backend)
+    x = torch.randn(4, 4, 7, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = torch.compile(m, backend=capture, dynamic=True, fullgraph=True)(x)
+    y.sum().backward()
+    (out,) = [n for n in graphs[0].graph.nodes if n.op == "output"]
+    shape = out.args[0][0].meta["example_value"].shape
+    assert type(shape[1]) is int and shape[1] == 8, shape
+    assert not all(isinstance(d, int) for d in shape), shape   # dynamic=True did make sizes symbols
+    torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
 
 
