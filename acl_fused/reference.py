@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .conv_args import ConvArgs, IntOrPair, PaddingArg
 from .families import Family, FamilyLike, pos
 from .layout import Layout, as_layout
-from .validation import autocast_enabled, check_conv_inputs, check_synthesis_inputs, conv_weight_format
+from .validation import autocast_enabled, check_conv_inputs, check_synthesis_inputs, conv_weight_format, laid_out
 
 
 def grid(kernel_size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,5 +130,5 @@ def conv2d_layout(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch.Ten
             w = synthesize_layout(akp, weight, layout, kernel_size)
     else:
         w = synthesize_layout(akp, weight, layout, kernel_size)
-    w = w.to(memory_format=conv_weight_format(x, weight))  # nn.Conv2d's output layout
+    w = laid_out(w, conv_weight_format(x, weight))  # nn.Conv2d's output layout
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)

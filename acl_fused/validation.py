@@ -78,12 +78,28 @@ def conv_weight_format(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch
     suggests it (:func:`suggests_channels_last`), else contiguous. With W in it torch's convolution
     lays out the output (and the input gradient) as nn.Conv2d's with that input and a weight in the
     plain weight's format: after ``layer.to(memory_format=torch.channels_last)`` the output is
-    channels_last for a contiguous input too. A layer without plain channels follows its input.
-    Under ``vmap`` W's layout is left as it comes (``torch.preserve_format``): a batched tensor's
-    memory format cannot be set (its physical rank is 5), nor does nn.Conv2d set one there."""
+    channels_last for a contiguous input too. A layer without plain channels follows its input."""
     if suggests_channels_last(x) or (weight is not None and suggests_channels_last(weight)):
-        return torch.preserve_format if "vmap" in functorch_transforms() else torch.channels_last
+        return torch.channels_last
     return torch.contiguous_format
+
+
+def laid_out(w: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """W in ``memory_format`` (:func:`conv_weight_format`) for the convolution, as nn.Conv2d's weight
+    would be; under ``vmap`` a W that cannot take it as it is: batched (model ensembles), or with a
+    batched tangent (jacfwd, Hessians), its physical rank is 5, and nn.Conv2d sets no layout there.
+    While torch.compile traces a transform, where the tensors cannot be asked, W stays as it is."""
+    if torch._C._functorch.peek_interpreter_stack() is None and not torch.compiler.is_compiling():
+        return w.to(memory_format=memory_format)   # no transform: the common case, no stack read
+    transforms = functorch_transforms()
+    if COMPILED_TRANSFORM in transforms:
+        return w
+    try:
+        return w.to(memory_format=memory_format)
+    except RuntimeError as e:   # torch cannot tell beforehand whether a wrapped tensor's parts are batched
+        if "vmap" not in transforms or "rank 4" not in str(e):
+            raise
+        return w
 
 
 def autocast_enabled(device: torch.device) -> bool:

@@ -121,8 +121,8 @@ class _CudaRunner:
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(5):  # without the flush: the estimate sets how many calls fill rep_ms
-            self.fn()
+        for _ in range(5):
+            self._one_call()
         end.record()
         torch.cuda.synchronize(device)
         self.estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)

@@ -163,9 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acl_conv2d_backward(
   // ATen's convolution backward does not check every size of it (float64 on the CPU reads past a
   // grad_output of too small a batch). An input without channels has an output without channels.
   const int64_t output_channels = input.size(1) == 0 ? 0 : c_out;
-  const auto output_size = [&](int d) {
-    return (p.x.size(2 + d) + 2 * p.symmetric[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
-  };
+  const auto padded = [&](int d) { return p.x.size(2 + d) + 2 * p.symmetric[d]; };
+  const auto span = [&](int d) { return dilation[d] * (kernel_size[d] - 1) + 1; };
+  TORCH_CHECK(padded(0) >= span(0) && padded(1) >= span(1), "acl_fused: the padded input (", padded(0), " x ",
+              padded(1), ") is smaller than the dilated kernel (", span(0), " x ", span(1), ")");
+  const auto output_size = [&](int d) { return (padded(d) - span(d)) / stride[d] + 1; };
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) &&
                   grad_output.size(1) == output_channels && grad_output.size(2) == output_size(0) &&
                   grad_output.size(3) == output_size(1),

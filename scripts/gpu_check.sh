@@ -82,15 +82,23 @@ cases |= {(s, profile["dtype"], "nchw") for s in profile["shapes"]}
 print("\n".join(" ".join(c) for c in sorted(cases)))
 PYEOF
     ) || { echo "!! compile_triton: could not list the cases" | tee -a "$log"; failed=1; return; }
+    # The shell stays until its processes end (timeout signals their group; its -k kill reaches
+    # them only while the shell it started runs), and fails when one of them failed.
     step "compile Triton kernels ($(echo "$cases" | wc -l) processes)" "$1" bash -c '
+        trap "wait; exit 124" TERM
+        cases=() pids=()
         while read -r shape dtype format; do
+            cases+=("$shape $dtype $format")
             "$0" -m benchmarks.throughput --device cuda --quick --sections layers --shapes "$shape" \
                 --dtypes "$dtype" --memory-formats "$format" --passes forward+backward --backends triton,triton_fused \
-                --rounds 1 --rep-ms 1 --warmup-ms 0 --out "$1/compile_${shape}_${dtype}_${format}" \
-                >"$1/compile_${shape}_${dtype}_${format}.log" 2>&1 \
-                || { echo "!! compiling for $shape $dtype $format failed:"; tail -20 "$1/compile_${shape}_${dtype}_${format}.log"; } &
+                --rounds 1 --rep-ms 1 --warmup-ms 0 --out "$1/compile_${#pids[@]}" >"$1/compile_${#pids[@]}.log" 2>&1 &
+            pids+=($!)
         done
-        wait' "$PY" "$sweeps" <<<"$cases"
+        status=0
+        for i in "${!pids[@]}"; do
+            wait "${pids[$i]}" || { echo "!! compiling for ${cases[$i]} failed:"; tail -20 "$1/compile_$i.log"; status=1; }
+        done
+        exit $status' "$PY" "$sweeps" <<<"$cases"
 }
 
 # pytest options for the optional plugins the image has: workers over the cores (xdist; then each

@@ -451,9 +451,10 @@ def test_raw_ops_check_every_size_they_read(extension):
     with pytest.raises(RuntimeError, match="grad_W's kH and kW must be two positive ints"):
         ops.synthesize_backward_jvp(akp, None, no_width, akp, family, row, [True, True])
 
-    def backward(grad_output=grad_y, kernel_size=(3, 3), stride=(1, 1), mask=(True, True, True, False)):
+    def backward(grad_output=grad_y, kernel_size=(3, 3), stride=(1, 1), dilation=(1, 1),
+                 mask=(True, True, True, False)):
         return ops.acl_conv2d_backward(grad_output, x, akp, weight, family, row, list(kernel_size), list(stride),
-                                       [1] * 4, [1, 1], 1, list(mask))
+                                       [1] * 4, list(dilation), 1, list(mask))
     with pytest.raises(RuntimeError, match=r"kernel_size must be two positive ints, got \[3\]"):
         backward(kernel_size=(3,))
     with pytest.raises(RuntimeError, match=r"weight must have shape \[P, 3, 1, 1\], got \[3, 3, 3, 3\]"):
@@ -462,6 +463,8 @@ def test_raw_ops_check_every_size_they_read(extension):
         backward(grad_output=grad_y[:1])
     with pytest.raises(RuntimeError, match="stride and dilation must be pairs of positive ints"):
         backward(stride=(0, 1))
+    with pytest.raises(RuntimeError, match=r"padded input \(10 x 10\) is smaller than the dilated kernel \(11 x 11\)"):
+        backward(dilation=(5, 5))
     with pytest.raises(RuntimeError, match="kernel_size 70000 x 70000 has more than 2\\^31 - 1 points"):
         ops.synthesize(akp[:, :0], weight[:, :0, :1, :1].expand(-1, -1, 70000, 70000), family, row, [70000, 70000])
     grads = backward()   # and the sizes the checks want are the right ones

@@ -125,9 +125,35 @@ def test_transforms_with_a_channels_last_input_or_layer(name, channels_last):
     want = TRANSFORMS[name](ms["reference"], x)
     torch.testing.assert_close(TRANSFORMS[name](ms["native"], x), want, rtol=1e-9, atol=1e-12)
     if name == "ensemble":
-        sets = [{k: f(v) for k, v in parameters(ms["native"]).items()} for f in (lambda v: v, lambda v: 1.5 * v, torch.sin)]
+        sets = [{k: f(v) for k, v in parameters(ms["native"]).items()}
+                for f in (lambda v: v, lambda v: 1.5 * v, torch.sin)]
         torch.testing.assert_close(want, torch.stack([functional_call(ms["native"], p, (x,)) for p in sets]),
                                    rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_over_input_keeps_nn_conv2d_s_layout_and_ensembles_compile():
+    """Only a batched W is left in its layout: vmapped over the input alone, a layer moved to
+    channels_last gives nn.Conv2d's channels_last output; an ensemble over a channels_last input
+    also runs under torch.compile (fullgraph, where Dynamo runs vmap itself: auto takes the
+    reference there), as nn.Conv2d's does."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 9, 3, padding=1, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 2, 3, 6, 6, dtype=torch.float64)
+    want = vmap(conv)(x)
+    for backend, m in layers(padding=1).items():
+        m = m.to(memory_format=torch.channels_last)
+        got = vmap(m)(x)
+        assert got.stride() == want.stride(), (backend, got.stride(), want.stride())
+        torch.testing.assert_close(got, torch.stack([m(xi) for xi in x]), rtol=1e-9, atol=1e-12)
+    m = layers(padding=1)["reference"]
+    m.backend = "auto"
+    sets = {k: torch.stack([v, 1.5 * v]) for k, v in parameters(m).items()}
+    x_cl = x[0].contiguous(memory_format=torch.channels_last)
+    ensemble = torch.compile(lambda p: vmap(lambda q: functional_call(m, q, (x_cl,)))(p), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(ensemble(sets), vmap(lambda q: functional_call(m, q, (x_cl,)))(sets), rtol=1e-9,
+                               atol=1e-12)
+    torch._dynamo.reset()
 
 
 def test_float32_within_spec_tolerance_of_the_float64_reference():
