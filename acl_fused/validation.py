@@ -84,22 +84,24 @@ def conv_weight_format(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch
     return torch.contiguous_format
 
 
-def laid_out(w: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
-    """W in ``memory_format`` (:func:`conv_weight_format`) for the convolution, as nn.Conv2d's weight
-    would be; under ``vmap`` a W that cannot take it as it is: batched (model ensembles), or with a
-    batched tangent (jacfwd, Hessians), its physical rank is 5, and nn.Conv2d sets no layout there.
-    While torch.compile traces a transform, where the tensors cannot be asked, W stays as it is."""
+def laid_out(w: torch.Tensor, memory_format: torch.memory_format, dtype: Optional[torch.dtype] = None
+             ) -> torch.Tensor:
+    """W in ``memory_format`` (:func:`conv_weight_format`) and ``dtype`` (None: its own) for the
+    convolution, as nn.Conv2d's weight would be; under ``vmap`` a W that cannot take the format keeps
+    its layout: batched (model ensembles), or with a batched tangent (jacfwd, Hessians), its
+    physical rank is 5, and nn.Conv2d sets no layout there. While torch.compile traces a transform,
+    where the tensors cannot be asked, W keeps its layout."""
     if torch._C._functorch.peek_interpreter_stack() is None and not torch.compiler.is_compiling():
-        return w.to(memory_format=memory_format)   # no transform: the common case, no stack read
+        return w.to(dtype=dtype, memory_format=memory_format)   # no transform: the common case, no stack read
     transforms = functorch_transforms()
     if COMPILED_TRANSFORM in transforms:
-        return w
+        return w.to(dtype=dtype)
     try:
-        return w.to(memory_format=memory_format)
+        return w.to(dtype=dtype, memory_format=memory_format)
     except RuntimeError as e:   # torch cannot tell beforehand whether a wrapped tensor's parts are batched
         if "vmap" not in transforms or "rank 4" not in str(e):
             raise
-        return w
+        return w.to(dtype=dtype)
 
 
 def autocast_enabled(device: torch.device) -> bool:

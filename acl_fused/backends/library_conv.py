@@ -34,7 +34,7 @@ def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
                  w_format: torch.memory_format) -> torch.Tensor:
     """y [N, C_out, H_out, W_out] = F.conv2d(x, w, bias, ...) in ``x.dtype``, with w in ``w_format``
     (validation.conv_weight_format: it decides y's layout)."""
-    return F.conv2d(x, laid_out(w.to(x.dtype), w_format), None if bias is None else bias.to(x.dtype),
+    return F.conv2d(x, laid_out(w, w_format, x.dtype), None if bias is None else bias.to(x.dtype),
                     conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -72,7 +72,7 @@ def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: 
     x_p, symmetric = pad_unequal_sides(x, padding)
     grad_y = grad_y.to(x.dtype)
     gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad_y, x_p, laid_out(w.to(x.dtype), w_format), [w.shape[0]] if output_mask[2] else None,
+        grad_y, x_p, laid_out(w, w_format, x.dtype), [w.shape[0]] if output_mask[2] else None,
         list(conv.stride), symmetric, list(conv.dilation), False, [0, 0], conv.groups, list(output_mask))
     if gx is not None and x_p is not x:
         gx = unpadded_gradient(gx, x, padding, symmetric)
