@@ -26,7 +26,10 @@ class AnalyticConv2d(nn.Module):
 
     Parameters: ``akp`` [A, C_in/g, 6] raw AKPs of the analytic channels, ``weight``
     [P, C_in/g, kH, kW] plain kernels (None when P = 0), ``bias`` [C_out] (None when bias=False).
-    Buffer: ``family`` [C_out] int64 codes (saved in the state dict).
+    Buffer: ``family`` [C_out] int64 codes: the layout as the state dict saves it. The layer computes
+    with its ``layout``; writes into the buffer (buffer averaging, as EMA's) do not change it, a state
+    dict always saves the layout, and a buffer passed in for it (torch.func.functional_call, ensembles)
+    must hold the same layout (ValueError otherwise). load_state_dict adopts a saved layout.
 
     ``padding_mode``: as nn.Conv2d's ('zeros', 'reflect', 'replicate', 'circular'): other than
     'zeros', the input is padded first and convolved without padding.
@@ -40,6 +43,8 @@ class AnalyticConv2d(nn.Module):
     _call_plan: Optional[tuple] = None
     #: nn.Conv2d's: how the input is padded ('zeros', 'reflect', 'replicate' or 'circular').
     padding_mode: str = "zeros"
+    #: The ``family`` buffer known to hold the layout (see forward); a class default for old pickles.
+    _family_buffer: Optional[torch.Tensor] = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
                  padding: PaddingArg = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
@@ -67,6 +72,7 @@ class AnalyticConv2d(nn.Module):
                        if self._layout.num_plain else None)
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.register_buffer("family", torch.tensor(self._layout.codes, dtype=torch.int64, device=device))
+        self._family_buffer = self.family
         self.reset_parameters()
         self._warm_layout()
 
@@ -84,8 +90,15 @@ class AnalyticConv2d(nn.Module):
         module = super()._apply(fn, recurse)
         if self.family.dtype != torch.int64:  # .type(dtype) casts every buffer: the codes stay integers
             self.family = self.family.to(torch.int64)
+        if self.family is not self._family_buffer:  # a new tensor: to_empty (skip_init, deferred init) leaves
+            self._fill_family_buffer()               # it uninitialised
         self._warm_layout()
         return module
+
+    def _fill_family_buffer(self) -> None:
+        with torch.no_grad():
+            self.family.copy_(torch.tensor(self._layout.codes, dtype=torch.int64))
+        self._family_buffer = self.family
 
     # stride / padding / dilation read and write through the normalised ConvArgs the forward pass
     # uses, so assigning one (as people do with nn.Conv2d) takes effect and is validated.
@@ -131,9 +144,8 @@ class AnalyticConv2d(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
+        self._fill_family_buffer()
         with torch.no_grad():
-            # A deferred init (meta, then to_empty) leaves the buffer uninitialised; state_dict saves it.
-            self.family.copy_(torch.tensor(self._layout.codes, dtype=torch.int64, device="cpu"))
             if self.akp.shape[0] and self.akp.device.type != "meta":  # nothing to fill on meta, as nn.init
                 self.akp.copy_(init_akp(self._layout, self.akp.shape[1], self.kernel_size, fan_in,
                                         self.akp.dtype, self.akp.device))
@@ -144,6 +156,8 @@ class AnalyticConv2d(nn.Module):
         return functional.synthesize(self.akp, self.weight, self._layout, self.kernel_size, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._buffers.get("family") is not self._family_buffer:
+            self._check_family_buffer()
         if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: the graph records one call, as for nn.Conv2d
             c = self._conv
             return _fx_conv2d(x, self.akp, self.weight, self.bias, self._layout.codes, self.kernel_size, c.stride,
@@ -167,6 +181,34 @@ class AnalyticConv2d(nn.Module):
             else:  # the checks stood in for a missing or empty parameter: run with theirs, keep nothing
                 akp, weight = akp_, weight_
         return plan[1](x, akp, weight, bias)
+
+    def _check_family_buffer(self) -> None:
+        """A ``family`` buffer other than the module's own (torch.func.functional_call, a vmapped
+        ensemble of stacked buffers, an assigned tensor) is read back each call (a device sync on
+        CUDA) and must hold the layer's layout, in every ensemble member: the layer computes with its
+        ``Layout``, and would otherwise run another layout's parameters as if they were its own
+        without a word. Traced (compile, export: fake tensors) it is not read."""
+        family = self._buffers.get("family")
+        if family is None or torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(family):
+            return
+        stacked = family
+        while torch._C._functorch.is_functorch_wrapped_tensor(stacked):
+            bdim = torch._C._functorch.maybe_get_bdim(stacked) if torch._C._functorch.is_batchedtensor(stacked) else -1
+            stacked = torch._C._functorch.get_unwrapped(stacked)
+            stacked = stacked.movedim(bdim, 0) if bdim >= 0 else stacked
+        if stacked.device.type == "meta":
+            return
+        codes = self._layout.codes
+        members = stacked.reshape(-1, stacked.shape[-1] if stacked.dim() else 1).tolist()
+        if stacked.shape[-1:] != (len(codes),) or any(tuple(m) != codes for m in members):
+            held = members if len(members) > 1 else members[0]
+            raise ValueError(
+                f"{type(self).__name__}: the family buffer passed in holds {held} but this layer computes "
+                f"with its layout {list(codes)}: every member of an ensemble "
+                "(torch.func.stack_module_state) needs the layout of the module that runs them; to run "
+                "another layer's parameters with its own layout, call that layer, or load its state dict "
+                "into this one (load_state_dict adopts any arrangement of the same numbers of analytic "
+                "and plain channels)")
 
     def __prepare_scriptable__(self) -> "AnalyticConv2d":
         # torch.jit.script calls this first: refuse with a reason rather than fail inside the compiler
@@ -193,6 +235,13 @@ class AnalyticConv2d(nn.Module):
                 _tensor_signature(akp), _tensor_signature(weight),
                 _tensor_signature(bias), self._layout, conv, self.kernel_size, self.backend)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        family = destination.get(prefix + "family")
+        if family is not None:  # the layout, whatever was written into the buffer
+            destination[prefix + "family"] = torch.tensor(self._layout.codes, dtype=torch.int64,
+                                                          device=family.device)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Adopt the saved layout when this module's parameters can hold it (same numbers of analytic
@@ -215,6 +264,7 @@ class AnalyticConv2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._layout = layout
+        self._family_buffer = self._buffers.get("family")  # the saved codes (assign=True: the saved tensor)
         self._warm_layout()
 
     def extra_repr(self) -> str:

@@ -643,6 +643,62 @@ def test_deferred_init_fills_the_family_buffer():
     assert torch.equal(fresh(x), m(x))
 
 
+def test_the_state_dict_saves_the_layout_whatever_was_written_into_the_family_buffer():
+    """Buffer-wide utilities write into the family buffer: EMA with use_buffers=True (torchvision's
+    recipe) averages the int64 codes and truncates them ([1, 2, 3, 4, 5, 6] -> [1, 2, 2, 4, 5, 5] at a
+    decay of 0.9), skip_init leaves it uninitialised. The layer computes with its layout, and its
+    state dict saves that layout: a fresh layer loaded from it computes the same."""
+    torch.manual_seed(0)
+    model = perturbed(layer(3, 12, 3, padding=1))
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True)
+    with torch.no_grad():
+        model.akp.add_(0.5)
+    ema.update_parameters(model)
+    ema.update_parameters(model)
+    assert ema.module.family.tolist() != list(model.layout.codes)  # what EMA does to an int buffer
+    skipped = torch.nn.utils.skip_init(AnalyticConv2d, 3, 12, 3, padding=1, layout=ALL_FAMILIES + [Family.LOG] * 3,
+                                       backend="reference")
+    with torch.no_grad():
+        skipped.akp.normal_()
+        skipped.weight.normal_()
+        skipped.bias.zero_()
+    x = torch.randn(2, 3, 6, 6)
+    for m in (ema.module, skipped):
+        assert m.state_dict()["family"].tolist() == list(m.layout.codes)
+        fresh = layer(3, 12, 3, padding=1, layout=m.layout.codes[::-1])  # same counts, other arrangement
+        fresh.load_state_dict(m.state_dict())
+        assert fresh.layout.codes == m.layout.codes
+        assert torch.equal(fresh(x), m(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_family_buffer_passed_in_must_hold_the_layout(backend):
+    """torch.func.functional_call with another layer's buffers, or a vmapped ensemble of stacked
+    buffers: a layer computes with its own layout, so a family buffer holding another arrangement
+    is refused (it ran the other layer's parameters in this layout without a word); the same
+    layout, or the module's own buffer, runs."""
+    torch.manual_seed(1)
+    a = perturbed(layer(3, 4, 3, layout=["plain", "gabor", "log", "plain"], backend=backend))
+    b = perturbed(layer(3, 4, 3, layout=["log", "plain", "plain", "gabor"], backend=backend), seed=1)
+    same = perturbed(layer(3, 4, 3, layout=a.layout.codes, backend=backend), seed=2)
+    x = torch.randn(2, 3, 6, 6)
+    state = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}
+    with pytest.raises(ValueError, match=r"family buffer passed in holds \[2, 0, 0, 1\] but this layer computes "
+                                         r"with its layout \[0, 1, 2, 0\]"):
+        torch.func.functional_call(a, state(b), (x,))
+    assert torch.equal(torch.func.functional_call(a, state(same), (x,)), same(x))
+    a.family = b.family.clone()
+    with pytest.raises(ValueError, match="family buffer passed in"):
+        a(x)
+    a.family = same.family.clone()
+    run = lambda members: torch.func.vmap(lambda p, buf: torch.func.functional_call(a, (p, buf), (x,)))(
+        *torch.func.stack_module_state(members))
+    with pytest.raises(ValueError, match=r"holds \[\[0, 1, 2, 0\], \[2, 0, 0, 1\]\]"):
+        run([a, b])
+    torch.testing.assert_close(run([a, same]), torch.stack([a(x), same(x)]))
+
+
 def test_unbatched_input_as_nn_conv2d():
     """[C_in, H, W] in, [C_out, H_out, W_out] out, gradients included, as nn.Conv2d."""
     torch.manual_seed(3)
