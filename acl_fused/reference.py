@@ -32,8 +32,8 @@ def _rotate(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
 
 
 def _gauss(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    # exp(-u²/(2s²)) as exp(-(u/s)²/2): u/s stays finite where u² and s² overflow (a huge raw scale:
-    # (x' - σ)² / σ², for one, would be inf / inf), so finite raw AKPs give finite kernels (SPEC §3)
+    # exp(-u²/(2s²)) as exp(-(u/s)²/2): u/s stays finite where u² and s² overflow (a huge raw scale),
+    # so finite raw AKPs give finite kernels (SPEC §3)
     return torch.exp(-0.5 * (u / s) ** 2)
 
 
@@ -59,7 +59,10 @@ def family_kernel(family: Family, p: torch.Tensor, x: torch.Tensor, y: torch.Ten
     if family == Family.TGD1:
         theta, sigma = q[1], pos(q[2])
         xr, yr = _rotate(theta, x, y)
-        return a * (_gauss(xr - sigma, sigma) - _gauss(xr + sigma, sigma)) * _gauss(yr, sigma)
+        # the lobes G_σ(x' ∓ σ) in x'/σ ∓ 1: (x' - σ)/σ is inf/inf where σ overflows (a raw s_σ beyond
+        # 88.7 in float32), x'/σ - 1 is -1, the other backends' value (csrc/families.h)
+        u = xr / sigma
+        return a * (torch.exp(-0.5 * (u - 1) ** 2) - torch.exp(-0.5 * (u + 1) ** 2)) * _gauss(yr, sigma)
     if family == Family.TGD2:
         theta, sigma = q[1], pos(q[2])
         xr, yr = _rotate(theta, x, y)

@@ -201,6 +201,10 @@ def check_conv_inputs(x: torch.Tensor, akp: torch.Tensor, weight: Optional[torch
     if amp_dtype is None and x.dtype != akp.dtype:
         raise TypeError(f"input dtype {x.dtype} differs from the parameters' dtype {akp.dtype} "
                         "(use the same dtype, or autocast)")
+    if amp_dtype is not None and akp.dtype == torch.float64:
+        raise TypeError(f"float64 parameters with a {x.dtype} input under autocast: autocast leaves float64 "
+                        f"tensors as they are, so the convolution would mix {amp_dtype} and float64 (nn.Conv2d "
+                        "raises too); use a float64 input, or float32 parameters")
     top, bottom, left, right = conv.explicit_padding(kernel_size)
     for n, p, k, d, axis in ((x.shape[-2], top + bottom, kernel_size[0], conv.dilation[0], "height"),
                              (x.shape[-1], left + right, kernel_size[1], conv.dilation[1], "width")):

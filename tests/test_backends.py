@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from acl_fused import AnalyticConv2d, BackendUnavailable, Family, acl_conv2d, dispatch, reference, synthesize
 from acl_fused.conv_args import ConvArgs
 from acl_fused.families import AKP_COUNT
-from acl_fused.layout import as_layout, make_layout
+from acl_fused.layout import Layout, as_layout, make_layout
 from acl_fused.validation import make_problem
 from acl_cases import DEVICE, TOL, Case
 from conftest import rel_err, skip_or_fail_unavailable
@@ -163,6 +163,21 @@ def test_huge_raw_scales_give_finite_kernels_and_gradients(name, dtype, kernel_s
     y = acl_conv2d(x, akp, weight, layout, bias, backend=name, **case.conv)
     grad_akp, = torch.autograd.grad(y, akp, torch.ones_like(y))
     assert y.isfinite().all() and grad_akp.isfinite().all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: exp(s)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_tgd1_beyond_the_overflow_of_sigma_is_its_limit_zero(name, dtype):
+    """Beyond FINITE_RAW_SCALE's range σ = pos(s_σ) itself overflows to inf: TGD1's lobes, read in
+    x'/σ ∓ 1, give the kernel's limit 0 on every backend (the reference's (x' - σ)/σ was inf/inf,
+    NaN, where the others gave 0)."""
+    layout = Layout([Family.TGD1, Family.TGD1])
+    akp = torch.zeros(2, 1, 6, dtype=dtype)
+    akp[:, 0, 0], akp[:, 0, 1], akp[:, 0, 2] = 0.7, torch.tensor([0.0, 0.4], dtype=dtype), 1e4
+    require(name, make_problem(akp, layout, (3, 3)))
+    w = synthesize(akp, None, layout, (3, 3), backend=name)
+    assert torch.equal(w.abs(), torch.zeros_like(w))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy

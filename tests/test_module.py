@@ -714,19 +714,24 @@ def test_unbatched_input_as_nn_conv2d():
         assert torch.allclose(y, y_conv, atol=1e-6) and torch.allclose(x.grad, x2.grad, atol=1e-5)
 
 
-def test_float64_input_under_autocast_runs_in_float64_as_nn_conv2d():
+@pytest.mark.parametrize("backend", ["reference", "auto", "native"])
+def test_float64_input_under_autocast_runs_in_float64_as_nn_conv2d(backend):
     """CPU autocast leaves float64 alone: a float64 layer computes in float64 there (nn.Conv2d
-    does); float32 parameters with a float64 input are refused (nn.Conv2d raises too)."""
+    does); float32 parameters with a float64 input are refused, and float64 parameters with a
+    float32 input (nn.Conv2d raises for both; native ran the latter in bfloat16)."""
+    if backend == "native" and native.EXTENSION_ERROR is not None:
+        skip_or_fail_unavailable("native", native.EXTENSION_ERROR)
     torch.manual_seed(4)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    for backend in ("reference", "auto"):
-        m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend=backend, dtype=torch.float64))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(x)
-            with pytest.raises(TypeError, match="differs from the parameters' dtype"):
-                layer(4, 9, 3, backend=backend)(x)
-        assert y.dtype == torch.float64
-        assert torch.allclose(y, F.conv2d(x, m.synthesize().detach(), m.bias.detach(), padding=1), atol=1e-12)
+    m = perturbed(layer(4, 9, 3, layout=ALL_FAMILIES, padding=1, backend=backend, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        with pytest.raises(TypeError, match="differs from the parameters' dtype"):
+            layer(4, 9, 3, backend=backend)(x)
+        with pytest.raises(TypeError, match="float64 parameters with a torch.float32 input under autocast"):
+            m(x.float())
+    assert y.dtype == torch.float64
+    assert torch.allclose(y, F.conv2d(x, m.synthesize().detach(), m.bias.detach(), padding=1), atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
