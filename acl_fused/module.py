@@ -43,7 +43,7 @@ class AnalyticConv2d(nn.Module):
     _call_plan: Optional[tuple] = None
     #: nn.Conv2d's: how the input is padded ('zeros', 'reflect', 'replicate' or 'circular').
     padding_mode: str = "zeros"
-    #: The ``family`` buffer known to hold the layout (see forward); a class default for old pickles.
+    #: The module's own ``family`` buffer (forward checks any other tensor found in its place).
     _family_buffer: Optional[torch.Tensor] = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
@@ -87,17 +87,18 @@ class AnalyticConv2d(nn.Module):
             self._layout.tensors(self.akp.device)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .to_empty(): the parameters' new device
+        before = self.family
         module = super()._apply(fn, recurse)
         if self.family.dtype != torch.int64:  # .type(dtype) casts every buffer: the codes stay integers
             self.family = self.family.to(torch.int64)
-        if self.family is not self._family_buffer:  # a new tensor: to_empty (skip_init, deferred init) leaves
-            self._fill_family_buffer()               # it uninitialised
+        if self.family is not before:  # a tensor made by fn: to_empty (skip_init, deferred init) leaves it
+            self._fill_family_buffer()  # uninitialised
         self._warm_layout()
         return module
 
     def _fill_family_buffer(self) -> None:
         with torch.no_grad():
-            self.family.copy_(torch.tensor(self._layout.codes, dtype=torch.int64))
+            self.family.copy_(torch.tensor(self._layout.codes, dtype=torch.int64, device="cpu"))
         self._family_buffer = self.family
 
     # stride / padding / dilation read and write through the normalised ConvArgs the forward pass
@@ -183,11 +184,11 @@ class AnalyticConv2d(nn.Module):
         return plan[1](x, akp, weight, bias)
 
     def _check_family_buffer(self) -> None:
-        """A ``family`` buffer other than the module's own (torch.func.functional_call, a vmapped
-        ensemble of stacked buffers, an assigned tensor) is read back each call (a device sync on
-        CUDA) and must hold the layer's layout, in every ensemble member: the layer computes with its
-        ``Layout``, and would otherwise run another layout's parameters as if they were its own
-        without a word. Traced (compile, export: fake tensors) it is not read."""
+        """A ``family`` tensor other than the module's own buffer (torch.func.functional_call's, a
+        vmapped ensemble's stacked buffers, an assigned tensor) is read back each call (a device sync
+        on CUDA) and must hold the layer's layout, in every ensemble member: the layer computes with
+        its ``Layout``, and would otherwise run another layout's parameters as if they were its own
+        without a word. Not checked while torch.compile or torch.export trace, nor on fake tensors."""
         family = self._buffers.get("family")
         if family is None or torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(family):
             return
@@ -203,12 +204,13 @@ class AnalyticConv2d(nn.Module):
         if stacked.shape[-1:] != (len(codes),) or any(tuple(m) != codes for m in members):
             held = members if len(members) > 1 else members[0]
             raise ValueError(
-                f"{type(self).__name__}: the family buffer passed in holds {held} but this layer computes "
-                f"with its layout {list(codes)}: every member of an ensemble "
+                f"{type(self).__name__}: the tensor in place of its family buffer holds {held} but this "
+                f"layer computes with its layout {list(codes)}: every member of an ensemble "
                 "(torch.func.stack_module_state) needs the layout of the module that runs them; to run "
                 "another layer's parameters with its own layout, call that layer, or load its state dict "
                 "into this one (load_state_dict adopts any arrangement of the same numbers of analytic "
-                "and plain channels)")
+                "and plain channels). A buffer that buffer averaging wrote into (AveragedModel with "
+                "use_buffers=True) holds no layout: pass its layer's state_dict(), which saves the layout")
 
     def __prepare_scriptable__(self) -> "AnalyticConv2d":
         # torch.jit.script calls this first: refuse with a reason rather than fail inside the compiler
@@ -216,6 +218,11 @@ class AnalyticConv2d(nn.Module):
         raise RuntimeError("AnalyticConv2d cannot be compiled by torch.jit.script (deprecated by PyTorch): its "
                            "forward picks a backend in Python; use torch.compile, torch.export or torch.jit.trace, "
                            "or AnalyticConv2d.convert_to_conv2d(model) for a model of nn.Conv2d layers")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_family_buffer" not in state:  # pickled before the attribute existed: its buffer is its own
+            self._family_buffer = self._buffers.get("family")
 
     def __getstate__(self) -> dict:
         # Copies and pickles start without a call plan: it holds a function bound to this module's
@@ -264,7 +271,7 @@ class AnalyticConv2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._layout = layout
-        self._family_buffer = self._buffers.get("family")  # the saved codes (assign=True: the saved tensor)
+        self._family_buffer = self._buffers.get("family")  # load_state_dict(assign=True) puts the saved tensor there
         self._warm_layout()
 
     def extra_repr(self) -> str:

@@ -634,13 +634,16 @@ def test_deferred_init_fills_the_family_buffer():
     state dict saves, holds the layout again, and the module loads into a fresh one."""
     with torch.device("meta"):
         assert layer(4, 9, 3, layout=ALL_FAMILIES).akp.is_meta
+    with torch.device("meta"):  # to_empty inside the block too: the codes are not made on meta
+        in_block = layer(4, 9, 3, layout=ALL_FAMILIES).to_empty(device="cpu")
     m = layer(4, 9, 3, layout=ALL_FAMILIES, device="meta").to_empty(device="cpu")
-    m.reset_parameters()
-    assert m.family.tolist() == [int(f) for f in ALL_FAMILIES]
-    fresh = layer(4, 9, 3, layout=ALL_FAMILIES)
-    fresh.load_state_dict(m.state_dict())
     x = torch.randn(1, 4, 5, 5)
-    assert torch.equal(fresh(x), m(x))
+    for m in (in_block, m):
+        m.reset_parameters()
+        assert m.family.tolist() == [int(f) for f in ALL_FAMILIES]
+        fresh = layer(4, 9, 3, layout=ALL_FAMILIES)
+        fresh.load_state_dict(m.state_dict())
+        assert torch.equal(fresh(x), m(x))
 
 
 def test_the_state_dict_saves_the_layout_whatever_was_written_into_the_family_buffer():
@@ -670,6 +673,13 @@ def test_the_state_dict_saves_the_layout_whatever_was_written_into_the_family_bu
         fresh.load_state_dict(m.state_dict())
         assert fresh.layout.codes == m.layout.codes
         assert torch.equal(fresh(x), m(x))
+    # A module pickled before the layer knew its own buffer (no _family_buffer): the buffer is its own,
+    # whatever EMA wrote into it, and it runs as before.
+    state = ema.module.__getstate__()
+    del state["_family_buffer"]
+    old = AnalyticConv2d.__new__(AnalyticConv2d)
+    old.__setstate__(state)
+    assert torch.equal(old(x), ema.module(x))
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -684,13 +694,15 @@ def test_a_family_buffer_passed_in_must_hold_the_layout(backend):
     same = perturbed(layer(3, 4, 3, layout=a.layout.codes, backend=backend), seed=2)
     x = torch.randn(2, 3, 6, 6)
     state = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}
-    with pytest.raises(ValueError, match=r"family buffer passed in holds \[2, 0, 0, 1\] but this layer computes "
-                                         r"with its layout \[0, 1, 2, 0\]"):
+    with pytest.raises(ValueError, match=r"family buffer holds \[2, 0, 0, 1\] but this layer computes with its "
+                                         r"layout \[0, 1, 2, 0\]"):
         torch.func.functional_call(a, state(b), (x,))
     assert torch.equal(torch.func.functional_call(a, state(same), (x,)), same(x))
-    a.family = b.family.clone()
-    with pytest.raises(ValueError, match="family buffer passed in"):
+    a.family = b.family
+    with pytest.raises(ValueError, match="tensor in place of its family buffer holds"):
         a(x)
+    a.float()  # moves nothing: b's buffer is left as it is
+    assert b.family.tolist() == list(b.layout.codes)
     a.family = same.family.clone()
     run = lambda members: torch.func.vmap(lambda p, buf: torch.func.functional_call(a, (p, buf), (x,)))(
         *torch.func.stack_module_state(members))
